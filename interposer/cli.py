@@ -1,0 +1,147 @@
+"""The `interposer` command.
+
+    interposer list                                         # spaces, released pairs, where weights are
+    interposer convert in.latent out.latent --src xl --dst v1
+    interposer convert in.safetensors out.npy --src sdxl --dst sd15 --layout scaled --device cuda
+
+Mistakes (unknown space, wrong channel count, missing or unreadable file) print one line on stderr and exit
+with status 2; nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from .spaces import RELEASE_REPO, RELEASE_VERSION, RELEASED_PAIRS, SPACES, get_space, space_names
+
+_DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a mistake is one line on stderr (exit 2), not a usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class UsageError(Exception):
+    """A mistake in what the user asked for: reported in one line, exit status 2."""
+
+
+def _space(name: str) -> str:
+    try:
+        return get_space(name).code
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="convert a latent file from one latent space to another",
+                       description="Convert a latent file from one latent space to another. Formats by suffix: "
+                       ".safetensors (tensor 'samples' or the only tensor), .latent (ComfyUI SaveLatent, raw), .npy.")
+    p.add_argument("input", type=Path, help="latent file to read (.safetensors, .latent or .npy)")
+    p.add_argument("output", type=Path, help="latent file to write (.safetensors, .latent or .npy); written atomically")
+    p.add_argument("--src", type=_space, required=True, help=f"latent space of the input: {space_names()}")
+    p.add_argument("--dst", type=_space, required=True, help="latent space to convert to (same names)")
+    p.add_argument("--weights", type=Path, default=None,
+                   help="interposer weights: one of our folders or a released-layout .safetensors file "
+                   "(default: $INTERPOSER_HOME, then the Hub)")
+    p.add_argument("--layout", choices=("raw", "scaled"), default="raw",
+                   help="raw: VAE latents, as ComfyUI .latent files hold (default); scaled: diffusion-pipeline "
+                   "model inputs (scale/shift applied)")
+    p.add_argument("--device", default="cpu", help="where to run: cpu, cuda, cuda:1, mps (default: cpu)")
+    p.add_argument("--dtype", choices=_DTYPES, default="auto",
+                   help="compute precision (default auto: the file's dtype; fp16 on the CPU runs in fp32)")
+    p.set_defaults(func=_cmd_convert)
+
+
+def _cmd_convert(args) -> int:
+    import torch
+
+    from .convert import convert
+    from .latent_io import read_latent, write_latent, SUFFIXES
+
+    if args.output.suffix.lower() not in SUFFIXES:
+        raise UsageError(f"{args.output}: unknown output type {args.output.suffix or '(none)'!r}; "
+                         f"use one of {', '.join(SUFFIXES)}")
+    if not args.output.parent.is_dir():
+        raise UsageError(f"{args.output.parent}: output folder does not exist")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise UsageError(f"--device {args.device!r} is not a device; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is available here; use --device cpu")
+    latent = read_latent(args.input)
+    if not latent.is_floating_point():
+        raise UsageError(f"{args.input}: latents must be floating point, got {latent.dtype}")
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    start = time.perf_counter()
+    out = convert(latent.to(device), args.src, args.dst, layout=args.layout, dtype=dtype, weights=args.weights)
+    seconds = time.perf_counter() - start
+    write_latent(args.output, out)
+    print(f"{args.src} -> {args.dst} ({args.layout}): {tuple(latent.shape)} -> {tuple(out.shape)} "
+          f"in {seconds:.2f} s; wrote {args.output}")
+    return 0
+
+
+def _add_list(sub) -> None:
+    p = sub.add_parser("list", help="list latent spaces, released interposers and where their weights are",
+                       description="List the latent spaces, the released v4.0 pairs and where each pair's weights "
+                       "are found: a local folder ($INTERPOSER_HOME), the Hub cache, or not present.")
+    p.set_defaults(func=_cmd_list)
+
+
+def _cmd_list(args) -> int:
+    from .weights import find_local, hub_cached, interposer_home
+
+    print("Latent spaces (interposers map raw VAE latents):")
+    print(f"  {'code':<5} {'ch':>3} {'f':>2}  {'scaled layout':<28} {'default VAE':<66} aliases")
+    for s in SPACES:
+        scaled = {"factor": (f"(x - {s.shift:g})" if s.shift else "x") + f" * {s.scale:.6g}", "per_channel": "(x - mean[c]) / std[c]",
+                  "vae_batchnorm": "VAE batch-norm stats"}[s.scaling]
+        vae = f"{s.vae_class} {s.vae_repo}" + (f" ({s.vae_subfolder})" if s.vae_subfolder else "")
+        print(f"  {s.code:<5} {s.channels:>3} {s.factor:>2}  {scaled:<28} {vae:<66} {', '.join(s.aliases)}")
+    print(f"\nReleased {RELEASE_VERSION} interposers ({RELEASE_REPO}); local folder: {interposer_home()}")
+    for src, dst in RELEASED_PAIRS:
+        if (local := find_local(src, dst)) is not None:
+            where = f"local: {local}"
+        elif (cached := hub_cached(src, dst)) is not None:
+            where = f"hub cache: {cached}"
+        else:
+            where = "not present (downloaded from the Hub on first use)"
+        print(f"  {src:>3} -> {dst:<3} {where}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="interposer",
+        description="Convert diffusion-model latents between latent spaces (SD1, SDXL, SD3, Flux, Cascade, ...) "
+        "without a VAE round trip.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_convert(sub)
+    _add_list(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .weights import WeightsNotFoundError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)  # argparse itself exits 2 with one usage line on a bad flag
+    try:
+        return args.func(args)
+    except (UsageError, ValueError, TypeError, FileNotFoundError, PermissionError, WeightsNotFoundError) as e:
+        print(f"interposer {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

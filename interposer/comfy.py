@@ -1,0 +1,92 @@
+"""The ComfyUI node "Latent Interposer": LATENT of one space in, LATENT of another out.
+
+ComfyUI's LATENT holds raw VAE latents (the sampler applies each model's scaling itself), so the node
+converts with layout="raw". Node id, input names and category match city96's v4 node, so saved workflows
+keep working.
+
+Install: clone this repository into ComfyUI/custom_nodes/ (ComfyUI imports its top-level __init__.py), or
+`pip install latent-interposer` and put a file `custom_nodes/latent_interposer.py` holding
+`from interposer.comfy import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS`.
+
+Weights are looked for in $INTERPOSER_HOME, then `models/` beside this repository, then ComfyUI's
+models/interposers folder, then downloaded from the Hub.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from .convert import convert
+from .spaces import SPACES
+
+_CODES = [s.code for s in SPACES]  # every registered space: trained pairs beyond the released ones work too
+
+
+def model_dirs() -> list[Path]:
+    """Local folders the node searches after $INTERPOSER_HOME, in order."""
+    dirs = [Path(__file__).resolve().parents[1] / "models"]
+    folder_paths = sys.modules.get("folder_paths")  # ComfyUI's module, present only inside ComfyUI
+    if folder_paths is None:
+        try:
+            import folder_paths  # type: ignore[no-redef]
+        except ImportError:
+            folder_paths = None
+    if folder_paths is not None:
+        try:
+            dirs += [Path(p) for p in folder_paths.get_folder_paths("interposers")]
+        except (KeyError, AttributeError):
+            pass
+        if hasattr(folder_paths, "models_dir"):
+            dirs.append(Path(folder_paths.models_dir) / "interposers")
+    return [d for d in dict.fromkeys(dirs) if d.is_dir()]
+
+
+def _run_device(latent: torch.Tensor) -> tuple[torch.device, torch.dtype]:
+    """Where to run: the latent's device; for CPU latents inside ComfyUI, ComfyUI's torch device.
+    Half precision on a GPU (the network is small and well-conditioned in fp16), fp32 on the CPU."""
+    device = latent.device
+    if device.type == "cpu":
+        try:
+            from comfy import model_management  # type: ignore[import-not-found]
+
+            device = model_management.get_torch_device()
+        except ImportError:
+            pass
+    return device, (torch.float16 if device.type == "cuda" else torch.float32)
+
+
+class LatentInterposer:
+    """LATENT (raw) of latent_src -> LATENT (raw) of latent_dst."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "samples": ("LATENT",),
+                "latent_src": (_CODES, {"default": "xl"}),
+                "latent_dst": (_CODES, {"default": "v1"}),
+            }
+        }
+
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "convert"
+    CATEGORY = "latent"
+    DESCRIPTION = "Convert latents between latent spaces (e.g. SDXL -> SD1.5) without decoding."
+
+    def convert(self, samples: dict, latent_src: str, latent_dst: str):
+        latent = samples["samples"]  # (B, C, H, W) or (B, C, T, H, W), raw
+        device, dtype = _run_device(latent)
+        converted = convert(latent, latent_src, latent_dst, layout="raw", device=device, dtype=dtype,
+                            search_dirs=model_dirs())
+        out = {k: v for k, v in samples.items() if k != "samples"}
+        if converted.shape[-2:] != latent.shape[-2:]:
+            out.pop("noise_mask", None)  # the mask was drawn at the old resolution (e.g. ca -> xl)
+        out["samples"] = converted
+        return (out,)
+
+
+NODE_CLASS_MAPPINGS = {"LatentInterposer": LatentInterposer}
+NODE_DISPLAY_NAME_MAPPINGS = {"LatentInterposer": "Latent Interposer"}

@@ -1,0 +1,185 @@
+"""The latent-space registry: one `LatentSpace` entry per space, nothing else to edit.
+
+Each entry says what a raw latent of that space looks like (channels, spatial factor), how diffusion
+pipelines scale it (the *scaled* layout), which diffusers VAE class makes it and where users get that
+VAE by default. Interposers map **raw** latents: the VAE encoder's output before any scale or shift.
+
+    >>> from interposer.spaces import get_space
+    >>> get_space("sdxl").code, get_space("sdxl").channels
+    ('xl', 4)
+
+Scaled layout, for spaces with a factor:  scaled = (raw - shift) * scale.
+Scaled layout, for per-channel stats:    scaled = (raw - mean[c]) / std[c].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+Scaling = Literal["factor", "per_channel", "vae_batchnorm"]
+
+
+@dataclass(frozen=True)
+class LatentSpace:
+    code: str  # short name used in file names and flags, e.g. "xl"
+    family: str  # human name of the models that use it
+    channels: int  # channels of the raw latent
+    factor: int  # pixels per latent pixel along each side
+    vae_class: str  # diffusers class name, imported only by pipeline/
+    vae_repo: str  # default Hugging Face repo id of the VAE
+    vae_subfolder: str | None = None  # subfolder of vae_repo holding the VAE, if any
+    aliases: tuple[str, ...] = ()  # other names accepted anywhere a space is named
+    scaling: Scaling = "factor"  # how pipelines turn raw latents into model inputs
+    scale: float = 1.0  # "factor": multiply after the shift
+    shift: float = 0.0  # "factor": subtract before the scale
+    mean: tuple[float, ...] | None = None  # "per_channel": per-channel mean of raw latents
+    std: tuple[float, ...] | None = None  # "per_channel": per-channel std of raw latents
+    vae_module: str = "diffusers"  # module that exports vae_class
+    fp16_ok: bool = True  # False where the default VAE makes NaN/inf in fp16
+    video: bool = False  # latents may carry a time axis (B, C, T, H, W)
+    notes: str = ""  # what a user should know
+
+    def __post_init__(self):
+        if self.scaling == "per_channel" and (
+            self.mean is None or self.std is None or len(self.mean) != self.channels or len(self.std) != self.channels
+        ):
+            raise ValueError(f"space {self.code!r}: per_channel scaling needs mean and std of {self.channels} values")
+        if self.factor < 1 or self.channels < 1:
+            raise ValueError(f"space {self.code!r}: channels and factor must be positive")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (self.code, *self.aliases)
+
+    def _stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(shift, scale) broadcastable over x's channel axis (dim 1), in x's dtype and device."""
+        if self.scaling == "factor":
+            shift = torch.tensor(self.shift, dtype=torch.float32)
+            scale = torch.tensor(self.scale, dtype=torch.float32)
+        elif self.scaling == "per_channel":
+            view = (self.channels,) + (1,) * (x.dim() - 2)
+            shift = torch.tensor(self.mean, dtype=torch.float32).view(view)
+            scale = (1.0 / torch.tensor(self.std, dtype=torch.float32)).view(view)
+        else:
+            raise ValueError(
+                f"space {self.code!r} keeps its scaling in its VAE's batch-norm statistics (and pipelines patchify it); "
+                "pass raw latents (layout='raw')"
+            )
+        return shift.to(x.device), scale.to(x.device)
+
+    def to_scaled(self, raw: torch.Tensor) -> torch.Tensor:
+        """raw VAE latents (B, C, ...) -> the scaled latents diffusion pipelines feed their models."""
+        shift, scale = self._stats(raw)
+        return ((raw.float() - shift) * scale).to(raw.dtype)
+
+    def to_raw(self, scaled: torch.Tensor) -> torch.Tensor:
+        """scaled pipeline latents (B, C, ...) -> raw VAE latents, the inverse of `to_scaled`."""
+        shift, scale = self._stats(scaled)
+        return (scaled.float() / scale + shift).to(scaled.dtype)
+
+
+# Wan 2.1's per-channel statistics, as in diffusers' AutoencoderKLWan config (latents_mean / latents_std).
+_WAN_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+             0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)  # fmt: skip
+_WAN_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+            3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)  # fmt: skip
+
+SPACES: tuple[LatentSpace, ...] = (
+    LatentSpace(
+        "v1", "Stable Diffusion 1.x / 2.x", 4, 8, "AutoencoderKL", "stabilityai/sd-vae-ft-mse",
+        aliases=("sd1", "sd15", "sd1.5", "sd2", "sdv1"), scale=0.18215,
+    ),
+    LatentSpace(
+        "xl", "SDXL (also AuraFlow, PixArt-Sigma)", 4, 8, "AutoencoderKL", "madebyollin/sdxl-vae-fp16-fix",
+        aliases=("sdxl", "auraflow", "pixart"), scale=0.13025,
+        notes="SDXL's original VAE makes NaN in fp16; the default is the fp16-fix VAE",
+    ),
+    LatentSpace(
+        "v3", "Stable Diffusion 3 / 3.5", 16, 8, "AutoencoderKL",
+        "stabilityai/stable-diffusion-3-medium-diffusers", "vae",
+        aliases=("sd3", "sd35", "sd3.5"), scale=1.5305, shift=0.0609,
+    ),
+    LatentSpace(
+        "fx", "Flux.1 (also HiDream, Lumina 2)", 16, 8, "AutoencoderKL", "black-forest-labs/FLUX.1-schnell", "vae",
+        aliases=("flux", "flux1", "hidream", "lumina2"), scale=0.3611, shift=0.1159, fp16_ok=False,
+        notes="Flux pipelines pack 2x2 patches; interposers take unpacked (B, 16, H/8, W/8) latents",
+    ),
+    LatentSpace(
+        "fx2", "Flux.2", 32, 8, "AutoencoderKLFlux2", "black-forest-labs/FLUX.2-dev", "vae",
+        aliases=("flux2",), scaling="vae_batchnorm", fp16_ok=False,
+        notes="raw latents before the 2x2 patchify; pipeline scaling is the VAE's batch-norm statistics",
+    ),
+    LatentSpace(
+        "wan", "Wan 2.1 / Qwen-Image", 16, 8, "AutoencoderKLWan", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "vae",
+        aliases=("wan21", "qwen", "qwen-image"), scaling="per_channel", mean=_WAN_MEAN, std=_WAN_STD, video=True,
+        notes="video latents are (B, 16, T, H/8, W/8); an image is one frame",
+    ),
+    LatentSpace(
+        "ca", "Stable Cascade stage A/B", 4, 4, "PaellaVQModel", "stabilityai/stable-cascade", "vqgan",
+        aliases=("cascade", "sc"), scale=1 / 0.43,
+        vae_module="diffusers.pipelines.deprecated.wuerstchen.modeling_paella_vq_model",
+        notes="stage A downsamples 4x, not 8x: interposers from ca resample by 0.5",
+    ),
+)  # fmt: skip
+
+_BY_NAME: dict[str, LatentSpace] = {}
+for _space in SPACES:
+    for _name in _space.names:
+        if _name.lower() in _BY_NAME:
+            raise ValueError(f"latent space name {_name!r} is used twice in the registry")
+        _BY_NAME[_name.lower()] = _space
+
+
+def space_names() -> str:
+    """'v1 (sd1, ...), xl (...), ...' for error messages."""
+    return ", ".join(f"{s.code} ({', '.join(s.aliases)})" if s.aliases else s.code for s in SPACES)
+
+
+def get_space(name: str | LatentSpace) -> LatentSpace:
+    """The registry entry for a code name or alias (case-insensitive); ValueError listing the known ones."""
+    if isinstance(name, LatentSpace):
+        return name
+    space = _BY_NAME.get(str(name).strip().lower())
+    if space is None:
+        raise ValueError(f"unknown latent space {name!r}; known spaces: {space_names()}")
+    return space
+
+
+# --- the v4.0 interposers that city96/SD-Latent-Interposer released (Hub subfolder "v4.0") ---
+
+RELEASE_REPO = "city96/SD-Latent-Interposer"
+RELEASE_VERSION = "v4.0"
+RELEASED_PAIRS: tuple[tuple[str, str], ...] = (
+    ("v1", "xl"), ("xl", "v1"),
+    ("v1", "v3"), ("xl", "v3"),
+    ("v3", "v1"), ("v3", "xl"), ("fx", "v1"), ("fx", "xl"),
+    ("fx", "v3"),
+    ("ca", "v1"), ("ca", "xl"), ("ca", "v3"),
+)  # fmt: skip
+
+
+def pair_scale(src: str | LatentSpace, dst: str | LatentSpace) -> float:
+    """Spatial resampling of a src -> dst interposer: 0.5 for ca (4x) -> an 8x space."""
+    return get_space(src).factor / get_space(dst).factor
+
+
+def default_args(src: str | LatentSpace, dst: str | LatentSpace) -> dict:
+    """Constructor arguments of the v4.0 architecture for a pair (those of every released pair)."""
+    s, d = get_space(src), get_space(dst)
+    return dict(ch_in=s.channels, ch_out=d.channels, ch_mid=64, blocks=12, scale=pair_scale(s, d))
+
+
+def release_filename(src: str, dst: str, version: str = RELEASE_VERSION) -> str:
+    """'xl-to-v1_interposer-v4.0.safetensors', the released file layout."""
+    return f"{get_space(src).code}-to-{get_space(dst).code}_interposer-{version}.safetensors"
+
+
+def is_released(src: str, dst: str) -> bool:
+    return (get_space(src).code, get_space(dst).code) in RELEASED_PAIRS
+
+
+def released_pairs_text() -> str:
+    return ", ".join(f"{a}->{b}" for a, b in RELEASED_PAIRS)

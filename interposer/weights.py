@@ -1,0 +1,244 @@
+"""Interposer weights on disk and on the Hub: our folder format, the released v4.0 layout, and where to look.
+
+Our format is one folder:  model.safetensors  +  config.json  (constructor args, src, dst, version).
+The released layout is one file:  {src}-to-{dst}_interposer-v4.0.safetensors  (city96/SD-Latent-Interposer,
+Hub subfolder v4.0), whose constructor args follow from the pair (see spaces.default_args).
+
+`load_interposer(src, dst)` looks, in order: the `weights` you pass -> $INTERPOSER_HOME (default
+~/.cache/interposer; released files directly in it, under v4.0/, or our folders named {src}-to-{dst}) ->
+any extra `search_dirs` -> the Hub (hf_hub_download, which honours HF_HUB_OFFLINE).
+
+    >>> from interposer import load_interposer
+    >>> net = load_interposer("xl", "v1")                  # released v4.0 xl -> v1
+    >>> net = load_interposer("runs/xl-v1/export")         # a folder in our format (or an ORG/NAME Hub repo)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .files import atomic_write
+from .model import InterposerModel
+from .spaces import (
+    RELEASE_REPO,
+    RELEASE_VERSION,
+    default_args,
+    get_space,
+    is_released,
+    release_filename,
+    released_pairs_text,
+)
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+ARCHITECTURE = "interposer-v4"
+_ARG_NAMES = ("ch_in", "ch_out", "ch_mid", "blocks", "scale")
+
+
+class WeightsNotFoundError(FileNotFoundError):
+    """No weights for a pair where we looked; the message says where to put them."""
+
+
+def interposer_home() -> Path:
+    """$INTERPOSER_HOME, else $XDG_CACHE_HOME/interposer, else ~/.cache/interposer."""
+    if os.environ.get("INTERPOSER_HOME"):
+        return Path(os.environ["INTERPOSER_HOME"]).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "interposer"
+
+
+# ---------------------------------------------------------------------------------------------- saving
+
+
+def _cpu_state(model: InterposerModel) -> dict[str, torch.Tensor]:
+    # fp32 on the CPU whatever the model runs in: the released files are fp32
+    return {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
+            for k, v in model.state_dict().items()}
+
+
+def save_interposer(model: InterposerModel, folder: str | Path, src: str, dst: str, version: str = "dev",
+                    extra: dict | None = None) -> Path:
+    """Write our format (model.safetensors + config.json) into `folder`, each file atomically."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    s, d = get_space(src), get_space(dst)
+    if model.ch_in != s.channels or model.ch_out != d.channels:
+        raise ValueError(f"model maps {model.ch_in} -> {model.ch_out} channels but {s.code} -> {d.code} "
+                         f"needs {s.channels} -> {d.channels}")
+    config = dict(architecture=ARCHITECTURE, **model.args(), src=s.code, dst=d.code, version=version,
+                  layout="raw", **(extra or {}))
+    state = _cpu_state(model)
+    atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"src": s.code, "dst": d.code}))
+    atomic_write(folder / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
+    return folder
+
+
+def save_released(model: InterposerModel, path: str | Path) -> Path:
+    """Write the released v4.0 file layout (state dict only, fp32) to `path`."""
+    state = _cpu_state(model)
+    atomic_write(Path(path), lambda p: save_file(state, p))
+    return Path(path)
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def _read_state(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: only .safetensors weights are loaded (pickled .pt/.ckpt/.bin files can run code)")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+
+
+def _build(args: dict, state: dict[str, torch.Tensor], where: Path) -> InterposerModel:
+    model = InterposerModel(**args)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        raise ValueError(f"{where}: weights do not fit the interposer {args}: {first}") from e
+    return model.eval()
+
+
+def _check_pair(model: InterposerModel, src: str, dst: str, where: Path) -> None:
+    s, d = get_space(src), get_space(dst)
+    if model.ch_in != s.channels or model.ch_out != d.channels:
+        raise ValueError(f"{where}: maps {model.ch_in} -> {model.ch_out} channels, "
+                         f"but {s.code} -> {d.code} needs {s.channels} -> {d.channels}")
+
+
+def _load_folder(folder: Path, src: str | None, dst: str | None) -> InterposerModel:
+    cfg_path = folder / CONFIG_NAME
+    if not cfg_path.is_file() or not (folder / WEIGHTS_NAME).is_file():
+        raise ValueError(f"{folder}: an interposer folder needs {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        config = json.loads(cfg_path.read_text())
+        args = {k: config[k] for k in _ARG_NAMES}
+        f_src, f_dst = get_space(config["src"]).code, get_space(config["dst"]).code
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{cfg_path}: not an interposer config ({e!r}); it needs {', '.join(_ARG_NAMES)}, src, dst")
+    if config.get("architecture", ARCHITECTURE) != ARCHITECTURE:
+        raise ValueError(f"{cfg_path}: architecture {config['architecture']!r} is not {ARCHITECTURE!r}")
+    if (src and get_space(src).code != f_src) or (dst and get_space(dst).code != f_dst):
+        raise ValueError(f"{folder} converts {f_src} -> {f_dst}, not {get_space(src).code} -> {get_space(dst).code}")
+    model = _build(args, _read_state(folder / WEIGHTS_NAME), folder)
+    _check_pair(model, f_src, f_dst, folder)
+    model.src, model.dst, model.version, model.source = f_src, f_dst, str(config.get("version", "")), str(folder)
+    return model
+
+
+def _load_file(path: Path, src: str, dst: str, version: str) -> InterposerModel:
+    # A bare released-layout file holds only tensors: its constructor args come from the pair, and the
+    # strict load checks every key and shape against them.
+    model = _build(default_args(src, dst), _read_state(path), path)
+    _check_pair(model, src, dst, path)
+    model.src, model.dst, model.version, model.source = get_space(src).code, get_space(dst).code, version, str(path)
+    return model
+
+
+def load_path(path: str | Path, src: str | None = None, dst: str | None = None) -> InterposerModel:
+    """Load a folder in our format, or a released-layout file (then src and dst are required)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        return _load_folder(path, src, dst)
+    if path.is_file():
+        if path.name == WEIGHTS_NAME and (path.parent / CONFIG_NAME).is_file():
+            return _load_folder(path.parent, src, dst)
+        if src is None or dst is None:
+            raise ValueError(f"{path}: a bare weights file needs the source and target spaces (src, dst)")
+        return _load_file(path, src, dst, RELEASE_VERSION)
+    raise FileNotFoundError(f"weights not found: {path}")
+
+
+def local_candidates(src: str, dst: str, search_dirs=()) -> list[Path]:
+    """Where a local copy of a pair's weights may be, in the order they are tried."""
+    s, d = get_space(src).code, get_space(dst).code
+    name = release_filename(s, d)
+    out = []
+    for base in (interposer_home(), *map(Path, search_dirs)):
+        out += [base / f"{s}-to-{d}", base / name, base / RELEASE_VERSION / name]
+    return out
+
+
+def find_local(src: str, dst: str, search_dirs=()) -> Path | None:
+    for cand in local_candidates(src, dst, search_dirs):
+        if (cand / CONFIG_NAME).is_file() if cand.is_dir() else cand.is_file():
+            return cand
+    return None
+
+
+def hub_cached(src: str, dst: str) -> Path | None:
+    """The Hub cache's copy of a released pair, if it was downloaded before (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    hit = try_to_load_from_cache(RELEASE_REPO, f"{RELEASE_VERSION}/{release_filename(src, dst)}")
+    return Path(hit) if isinstance(hit, str) else None
+
+
+def _download_released(src: str, dst: str) -> Path:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+
+    name = release_filename(src, dst)
+    try:
+        return Path(hf_hub_download(RELEASE_REPO, name, subfolder=RELEASE_VERSION))
+    except (LocalEntryNotFoundError, EntryNotFoundError, HfHubHTTPError, OSError) as e:
+        why = "HF_HUB_OFFLINE is set" if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") else type(e).__name__
+        raise WeightsNotFoundError(
+            f"no weights for {src} -> {dst} ({why}): download {name} from huggingface.co/{RELEASE_REPO} "
+            f"(folder {RELEASE_VERSION}) into {interposer_home()}, or pass weights=PATH"
+        ) from e
+
+
+def _load_hub_repo(repo_id: str, revision: str | None) -> InterposerModel:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        cfg = hf_hub_download(repo_id, CONFIG_NAME, revision=revision)
+        hf_hub_download(repo_id, WEIGHTS_NAME, revision=revision)
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+        raise WeightsNotFoundError(f"could not fetch {CONFIG_NAME} and {WEIGHTS_NAME} from Hub repo {repo_id!r}: "
+                                   f"{type(e).__name__}") from e
+    return _load_folder(Path(cfg).parent, None, None)
+
+
+def load_interposer(src: str, dst: str | None = None, weights: str | Path | None = None, *,
+                    search_dirs=(), device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                    revision: str | None = None) -> InterposerModel:
+    """An interposer in eval mode, with .src, .dst, .version and .source (where it came from) set.
+
+    load_interposer("xl", "v1")                 a pair: weights -> $INTERPOSER_HOME -> search_dirs -> Hub
+    load_interposer("xl", "v1", weights=P)      a released-layout file or one of our folders
+    load_interposer(P) / ("ORG/NAME")           our format from a folder, or from a Hub repo
+    """
+    if dst is None:
+        path = Path(src).expanduser()
+        if path.exists():
+            model = load_path(path)
+        elif src.count("/") == 1 and not src.startswith((".", "/", "~")):
+            model = _load_hub_repo(src, revision)
+        else:
+            raise FileNotFoundError(f"no interposer folder or Hub repo {src!r}; to name a pair, pass src and dst")
+    else:
+        get_space(src), get_space(dst)  # unknown names fail here, listing the known ones
+        if weights is not None:
+            model = load_path(weights, src, dst)
+        elif (found := find_local(src, dst, search_dirs)) is not None:
+            model = load_path(found, src, dst)
+        elif not is_released(src, dst):
+            raise WeightsNotFoundError(
+                f"no released interposer for {get_space(src).code} -> {get_space(dst).code} and none in "
+                f"{interposer_home()}; released pairs: {released_pairs_text()}; or pass weights=PATH"
+            )
+        else:
+            model = _load_file(_download_released(src, dst), src, dst, RELEASE_VERSION)
+    return model.to(device=device, dtype=dtype)

@@ -1,0 +1,53 @@
+"""Shared fixtures. Tests never reach the network: HF_HUB_OFFLINE=1 before huggingface_hub is imported."""
+
+import json
+import os
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from helpers import REFERENCE  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def reference() -> Path:
+    if not REFERENCE.is_dir():
+        pytest.fail(f"reference checkpoints missing: {REFERENCE} (shared/ must sit beside the project)")
+    return REFERENCE
+
+
+@pytest.fixture(scope="session")
+def layout(reference) -> dict:
+    return json.loads((reference / "v4_layout.json").read_text())
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path, monkeypatch):
+    """Each test gets an empty $INTERPOSER_HOME and Hub cache, and convert()'s model cache starts empty."""
+    home = tmp_path / "interposer-home"
+    home.mkdir()
+    monkeypatch.setenv("INTERPOSER_HOME", str(home))
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    from interposer import clear_cache
+
+    clear_cache()
+    yield home
+    clear_cache()
+
+
+@pytest.fixture
+def ref_io(reference):
+    """pair -> (input, output) tensors of the reference network."""
+    from safetensors.torch import load_file
+
+    def get(pair: str) -> tuple[torch.Tensor, torch.Tensor]:
+        io = load_file(str(reference / f"{pair}_io.safetensors"))
+        return io["input"], io["output"]
+
+    return get

@@ -1,0 +1,21 @@
+"""Helpers the tests import (conftest.py is not importable under --import-mode=importlib)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = ROOT.parent / "shared" / "reference" / "city96-v4"
+
+
+def reference_pairs() -> list[str]:
+    """Every 'src-to-dst' with a v4.0-layout checkpoint in shared/reference/city96-v4."""
+    return sorted(p.name.split("_")[0] for p in REFERENCE.glob("*_interposer-v4.0.safetensors"))
+
+
+def run(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run `python *args` in a fresh process, offline, and capture its output."""
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=full_env, cwd=cwd,
+                          timeout=300)
