@@ -9,7 +9,7 @@ Imports torch, safetensors and huggingface_hub only (never ray or diffusers), so
 
 __version__ = "0.1.0"
 
-from .convert import clear_cache, convert  # noqa: E402
+from .converter import clear_cache, convert  # noqa: E402
 from .model import InterposerModel  # noqa: E402
 from .spaces import RELEASED_PAIRS, SPACES, LatentSpace, get_space  # noqa: E402
 from .weights import WeightsNotFoundError, load_interposer, save_interposer, save_released  # noqa: E402

@@ -62,7 +62,7 @@ def _add_convert(sub) -> None:
 def _cmd_convert(args) -> int:
     import torch
 
-    from .convert import convert
+    from .converter import convert
     from .latent_io import read_latent, write_latent, SUFFIXES
 
     if args.output.suffix.lower() not in SUFFIXES:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .convert import convert
+from .converter import convert
 from .spaces import SPACES
 
 _CODES = [s.code for s in SPACES]  # every registered space: trained pairs beyond the released ones work too
