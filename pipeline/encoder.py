@@ -1,0 +1,176 @@
+"""VAEs: resolving a space's VAE source, loading it with the registry's diffusers class, fingerprinting
+its weights, and `TileEncoder`, the plain callable class Ray Data maps over images (no Ray import here).
+
+    >>> enc = TileEncoder([VAESpec("v1", "path/to/vae", None, "float32")], device="cpu")
+    >>> out = enc.encode(tiles)          # tiles: (N, T, T, 3) uint8 -> {"v1": (latents, stds, ok)}
+
+The latent is the encoder distribution's mean (raw: no scaling), or a sample seeded by the tile key.
+A tile's latent never depends on which other tiles share its forward pass beyond its own image's tiles,
+which are always grouped the same way; NaN/inf results are retried in fp32 and else reported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from interposer.spaces import LatentSpace, get_space
+
+
+@dataclass(frozen=True)
+class VAESpec:
+    space: str  # registry code
+    source: str  # Hub repo id or local folder
+    subfolder: str | None
+    dtype: str  # "float32", "bfloat16", "float16"
+    latent: str = "mean"  # "mean" or "sample"
+    store_std: bool = False
+
+
+def parse_space_arg(arg: str) -> tuple[str, str | None, str | None]:
+    """'xl' / 'xl=REPO' / 'xl=REPO:SUBFOLDER' / 'xl=/local/folder' -> (code, source or None, subfolder)."""
+    name, _, vae = arg.partition("=")
+    code = get_space(name).code
+    if not vae:
+        return code, None, None
+    if Path(vae).expanduser().exists():
+        return code, str(Path(vae).expanduser().resolve()), None
+    repo, _, sub = vae.partition(":")
+    if repo.count("/") != 1 or not all(repo.split("/")):
+        raise ValueError(f"--space {arg}: {vae!r} is neither a local folder nor a Hub repo id (org/name[:subfolder])")
+    return code, repo, sub or None
+
+
+def resolve_source(space: LatentSpace, source: str | None, subfolder: str | None) -> tuple[str, str | None]:
+    """The (source, subfolder) to load: the registry's default, or the user's; a local folder holding the
+    whole pipeline (e.g. vae/ inside) uses the registry's subfolder when that is where config.json is."""
+    if source is None:
+        return space.vae_repo, space.vae_subfolder
+    local = Path(source)
+    if local.is_dir() and not (local / "config.json").is_file() and space.vae_subfolder \
+            and (local / space.vae_subfolder / "config.json").is_file():
+        return source, space.vae_subfolder
+    return source, subfolder
+
+
+def vae_class(space: LatentSpace):
+    return getattr(importlib.import_module(space.vae_module), space.vae_class)
+
+
+def load_vae(space: LatentSpace, source: str, subfolder: str | None, dtype: torch.dtype = torch.float32,
+             device: str | torch.device = "cpu"):
+    """The space's diffusers VAE class `from_pretrained(source, subfolder=...)`, eval mode, no grad."""
+    cls = vae_class(space)
+    kwargs = {"subfolder": subfolder} if subfolder else {}
+    try:
+        vae = cls.from_pretrained(source, torch_dtype=dtype, **kwargs)
+    except (OSError, ValueError, EnvironmentError) as e:
+        where = f"{source}" + (f" (subfolder {subfolder})" if subfolder else "")
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"cannot load the {space.code} VAE ({space.vae_class}) from {where}: {first}") from e
+    return vae.to(device).eval().requires_grad_(False)
+
+
+def fingerprint(vae: torch.nn.Module) -> str:
+    """sha256 over the weights' names, dtypes, shapes and bytes (independent of where they came from)."""
+    h = hashlib.sha256()
+    for name, t in sorted(vae.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return "sha256:" + h.hexdigest()
+
+
+def _is_video_vae(space: LatentSpace) -> bool:
+    return space.video  # e.g. Wan: (B, 3, T, H, W) in, (B, C, T, h, w) out; an image is one frame
+
+
+@torch.inference_mode()
+def encode_raw(vae, space: LatentSpace, pixels: torch.Tensor, latent: str = "mean",
+               seeds: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """pixels (B, 3, T, T) in [-1, 1] -> raw latents (B, C, T/f, T/f) and stds (or None), float32."""
+    x = pixels.to(vae.device, vae.dtype)
+    if _is_video_vae(space):
+        x = x.unsqueeze(2)  # (B, 3, 1, T, T)
+    out = vae.encode(x)
+    if hasattr(out, "latent_dist"):
+        dist = out.latent_dist
+        mean, std = dist.mean.float(), dist.std.float()
+        if latent == "sample":
+            noise = torch.stack([torch.randn(mean.shape[1:], generator=torch.Generator().manual_seed(s))
+                                 for s in seeds]).to(mean.device)
+            mean = mean + std * noise
+    else:  # PaellaVQModel (Stable Cascade stage A): continuous latents before quantisation, no distribution
+        mean, std = out.latents.float(), None
+    if _is_video_vae(space):
+        mean = mean.squeeze(2)
+        std = std.squeeze(2) if std is not None else None
+    return mean, std
+
+
+def tile_seed(key: str) -> int:
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+class TileEncoder:
+    """Loads each space's VAE once, then encodes (N, T, T, 3) uint8 tiles with all of them.
+
+    This is the class Ray Data maps with an actor pool (`pipeline.build`), and what `bench/encode.py`
+    calls in a bare loop. `__call__` takes and returns Ray Data batches (dicts of numpy arrays)."""
+
+    def __init__(self, specs: list[VAESpec], device: str | None = None, batch_size: int = 6):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.batch_size = batch_size
+        self.specs = specs
+        self.vaes = {}
+        for spec in specs:
+            space = get_space(spec.space)
+            self.vaes[spec.space] = load_vae(space, spec.source, spec.subfolder, getattr(torch, spec.dtype),
+                                             self.device)
+        self._fp32 = {}  # fp32 copies, made on the first NaN/inf
+
+    def _fp32_vae(self, spec: VAESpec):
+        if spec.space not in self._fp32:
+            vae = self.vaes[spec.space]
+            self._fp32[spec.space] = (vae if vae.dtype == torch.float32
+                                      else load_vae(get_space(spec.space), spec.source, spec.subfolder,
+                                                    torch.float32, self.device))
+        return self._fp32[spec.space]
+
+    def encode(self, tiles: np.ndarray, keys: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray | None, np.ndarray]]:
+        """tiles (N, T, T, 3) uint8 -> {space: (latents fp16 (N, C, h, w), stds fp16 or None, finite (N,) bool)}.
+        Forward passes take at most `batch_size` tiles, always in the given order."""
+        pixels = torch.from_numpy(np.ascontiguousarray(tiles)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        out = {}
+        for spec in self.specs:
+            space = get_space(spec.space)
+            lat_parts, std_parts = [], []
+            for i in range(0, len(tiles), self.batch_size):
+                seeds = [tile_seed(k) for k in keys[i : i + self.batch_size]]
+                mean, std = encode_raw(self.vaes[spec.space], space, pixels[i : i + self.batch_size], spec.latent, seeds)
+                lat_parts.append(mean.cpu())
+                std_parts.append(std.cpu() if std is not None else None)
+            latents = torch.cat(lat_parts).half()  # (N, C, h, w)
+            stds = torch.cat(std_parts).half() if spec.store_std and std_parts[0] is not None else None
+            finite = torch.isfinite(latents).flatten(1).all(1)
+            if stds is not None:
+                finite &= torch.isfinite(stds).flatten(1).all(1)
+            for j in torch.nonzero(~finite).flatten().tolist():  # retry each bad tile alone in fp32
+                mean, std = encode_raw(self._fp32_vae(spec), space, pixels[j : j + 1], spec.latent, [tile_seed(keys[j])])
+                latents[j] = mean[0].cpu().half()
+                if stds is not None:
+                    stds[j] = std[0].cpu().half()
+                finite[j] = bool(torch.isfinite(latents[j]).all() and (stds is None or torch.isfinite(stds[j]).all()))
+            out[spec.space] = (latents.numpy(), stds.numpy() if stds is not None else None, finite.numpy())
+        return out
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Ray Data batch of images (see pipeline.build.cut_batch) -> the same rows with latents added."""
+        from .rows import encode_rows
+
+        return encode_rows(self, batch)

@@ -1,0 +1,171 @@
+"""The dataset contract between pipeline/ (writes) and trainer/ (reads): layout, Parquet schemas, manifest.
+
+A dataset is a folder (local or any pyarrow filesystem URI):
+
+    DIR/manifest.json                    what was built, from what, with which VAEs (this module's Manifest)
+    DIR/index.parquet                    every listed source: uri, image_id (sha256 of its bytes), shard
+    DIR/images/part-00000.parquet        one row per unique image of the shard: size, tiles, status/skip reason
+    DIR/tiles/part-00000.parquet         one row per tile: key, image id, source uri, tile index, box
+    DIR/latents/{space}/part-00000.parquet   tile_key + latent (fp16 arrow.fixed_shape_tensor (C, h, w)),
+                                         rows in the same order as tiles/part-00000.parquet
+
+Everything is readable with plain pyarrow (no Ray):
+
+    >>> import pyarrow.parquet as pq
+    >>> t = pq.read_table("DIR/latents/xl/part-00000.parquet")
+    >>> t["latent"].combine_chunks().to_numpy_ndarray().shape      # (N, 4, 128, 128) float16
+
+Shards are fixed groups of unique images (sorted by image id), so a shard's files depend only on the data:
+rebuilding, resuming after a crash, or adding a space produces the same bytes. Every file is written to a
+temporary name and renamed into place, so a file under its real name is always complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+FORMAT = "latent-interposer-dataset"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+INDEX = "index.parquet"
+
+INDEX_SCHEMA = pa.schema([("uri", pa.string()), ("image_id", pa.string()), ("bytes", pa.int64()),
+                          ("shard", pa.int32())])
+IMAGES_SCHEMA = pa.schema([
+    ("image_id", pa.string()),  # sha256 hex of the file's bytes
+    ("uri", pa.string()),  # the source it was read from (the first in sort order, for duplicates)
+    ("width", pa.int32()), ("height", pa.int32()),  # after EXIF orientation; 0 when unreadable
+    ("resized_width", pa.int32()), ("resized_height", pa.int32()),  # the image the tiles were cut from
+    ("tiles", pa.int32()),  # tiles written
+    ("nonfinite", pa.int32()),  # tiles dropped: a VAE gave NaN/inf even in fp32
+    ("status", pa.string()),  # "ok" or the skip reason (see SKIP_REASONS)
+])  # fmt: skip
+TILES_SCHEMA = pa.schema([
+    ("tile_key", pa.string()),  # f"{image_id}-{tile_index:02d}": the key every latent file aligns on
+    ("image_id", pa.string()),
+    ("uri", pa.string()),
+    ("tile_index", pa.int16()),  # position among the image's candidate tiles
+    ("box", pa.list_(pa.int32(), 4)),  # (left, top, right, bottom) in the resized image
+])  # fmt: skip
+
+SKIP_REASONS = {
+    "unreadable": "the file could not be read",
+    "not_an_image": "not an image format Pillow knows",
+    "corrupt": "truncated or corrupt image data",
+    "decompression_bomb": "more pixels than --max-pixels",
+    "too_small": "short side below --min-size",
+    "nonfinite_tiles": "a VAE gave NaN/inf even in fp32 (counted per tile, not per image)",
+}
+
+
+def tile_key(image_id: str, tile_index: int) -> str:
+    return f"{image_id}-{tile_index:02d}"
+
+
+def part_name(shard: int) -> str:
+    return f"part-{shard:05d}.parquet"
+
+
+def images_path(shard: int) -> str:
+    return f"images/{part_name(shard)}"
+
+
+def tiles_path(shard: int) -> str:
+    return f"tiles/{part_name(shard)}"
+
+
+def latents_path(space: str, shard: int) -> str:
+    return f"latents/{space}/{part_name(shard)}"
+
+
+def latent_schema(shape: tuple[int, ...], with_std: bool) -> pa.Schema:
+    tensor = pa.fixed_shape_tensor(pa.float16(), list(shape))
+    fields = [("tile_key", pa.string()), ("latent", tensor)]
+    if with_std:
+        fields.append(("latent_std", tensor))
+    return pa.schema(fields)
+
+
+def latent_table(keys: list[str], latents: np.ndarray, stds: np.ndarray | None, shape: tuple[int, ...]) -> pa.Table:
+    """keys + (N, C, h, w) fp16 latents (and stds) -> a table of latent_schema."""
+    schema = latent_schema(shape, stds is not None)
+    latents = np.ascontiguousarray(latents, dtype=np.float16).reshape((len(keys), *shape))
+    columns = [pa.array(keys, pa.string()), pa.FixedShapeTensorArray.from_numpy_ndarray(latents)]
+    if stds is not None:
+        stds = np.ascontiguousarray(stds, dtype=np.float16).reshape((len(keys), *shape))
+        columns.append(pa.FixedShapeTensorArray.from_numpy_ndarray(stds))
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def read_latents(table: pa.Table, column: str = "latent") -> np.ndarray:
+    """(N, C, h, w) float16 from a latent table's tensor column."""
+    return table[column].combine_chunks().to_numpy_ndarray()
+
+
+@dataclass
+class SpaceEntry:
+    """One latent space of a dataset: which VAE made its latents, and how."""
+
+    vae: str  # Hub repo id or local folder the VAE was loaded from
+    subfolder: str | None  # subfolder of `vae`, if any
+    vae_class: str  # diffusers class
+    dtype: str  # precision the encoder ran in ("bfloat16", "float32", ...)
+    fingerprint: str  # "sha256:..." of the VAE's weights (names, dtypes, shapes, bytes)
+    channels: int
+    factor: int
+    latent_shape: list[int]  # (C, tile/factor, tile/factor)
+    latent: str = "mean"  # "mean" of the encoder distribution, or a "sample" seeded by tile key
+    store_std: bool = False  # whether latent_std columns are stored
+    tiles: int = 0  # tiles with a latent of this space (fewer than the dataset's only if added later and
+    #                 its VAE gave NaN/inf on some: join on tile_key)
+
+
+@dataclass
+class Manifest:
+    tile_size: int
+    max_tiles: int
+    min_size: int
+    max_pixels: int
+    shard_size: int
+    sources: list[str]
+    spaces: dict[str, SpaceEntry]
+    shards: int = 0
+    counts: dict[str, Any] = field(default_factory=dict)  # listed, unique, images_ok, tiles, skipped{reason: n}
+    args: dict[str, Any] = field(default_factory=dict)  # the resolved command-line arguments
+    complete: bool = False
+    package_version: str = ""
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, where: str = MANIFEST) -> "Manifest":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not valid JSON ({e})") from e
+        if data.get("format") != FORMAT:
+            raise ValueError(f"{where}: not a latent-interposer dataset manifest")
+        if data.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{where}: dataset format version {data.get('format_version')} is not "
+                             f"{FORMAT_VERSION}; rebuild it with this version")
+        data["spaces"] = {k: SpaceEntry(**v) for k, v in data["spaces"].items()}
+        return cls(**data)
+
+    def identity(self) -> dict[str, Any]:
+        """What determines the dataset's bytes; a rerun must match it exactly."""
+        return dict(tile_size=self.tile_size, max_tiles=self.max_tiles, min_size=self.min_size,
+                    max_pixels=self.max_pixels, shard_size=self.shard_size, sources=self.sources)
+
+    def fingerprint(self) -> str:
+        """sha256 of the identity and each space's VAE: what a trainer checkpoint pins."""
+        ident = dict(self.identity(), spaces={k: (v.fingerprint, v.dtype, v.latent) for k, v in self.spaces.items()})
+        return "sha256:" + hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
