@@ -118,6 +118,26 @@ def _cmd_list(args) -> int:
     return 0
 
 
+def _plugins(sub) -> None:
+    """Subcommands other packages of this distribution add (`data` from pipeline/, `train` from trainer/),
+    declared as entry points so that this package never imports them."""
+    from importlib.metadata import entry_points
+
+    for ep in sorted(entry_points(group="interposer.commands"), key=lambda e: e.name):
+        try:
+            register = ep.load()
+        except ImportError as e:  # the extra that command needs is not installed
+            p = sub.add_parser(ep.name, help=f"(needs: pip install 'latent-interposer[all]')")
+            p.set_defaults(func=lambda args, e=e: _missing(ep.name, e))
+            continue
+        register(sub)
+
+
+def _missing(name: str, error: ImportError) -> int:
+    raise UsageError(f"`interposer {name}` needs packages that are not installed ({error.name}): "
+                     "pip install 'latent-interposer[all]'")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="interposer",
@@ -128,19 +148,34 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_convert(sub)
     _add_list(sub)
+    _plugins(sub)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
+    """Parse and run; user mistakes are one line on stderr and exit status 2."""
     from .weights import WeightsNotFoundError
 
-    parser = build_parser()
-    args = parser.parse_args(argv)  # argparse itself exits 2 with one usage line on a bad flag
+    args = parser.parse_args(argv)  # argparse itself exits 2 with one line on a bad flag
     try:
         return args.func(args)
     except (UsageError, ValueError, TypeError, FileNotFoundError, PermissionError, WeightsNotFoundError) as e:
-        print(f"interposer {args.command}: error: {e}", file=sys.stderr)
+        command = " ".join(str(getattr(args, k)) for k in ("command", "data_command") if getattr(args, k, None))
+        print(f"{parser.prog} {command}: error: {e}".replace("  ", " "), file=sys.stderr)
         return 2
+
+
+def run_parser(prog: str, description: str, adders, argv: list[str] | None = None) -> int:
+    """A stand-alone command (e.g. `python -m pipeline`) made of the given subcommand adders."""
+    parser = _Parser(prog=prog, description=description)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in adders:
+        add(sub)
+    return run(parser, argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser(), argv)
 
 
 if __name__ == "__main__":

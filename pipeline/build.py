@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import pyarrow as pa
@@ -62,6 +62,8 @@ class BuildConfig:
     quiet: bool = False
 
     def __post_init__(self):
+        # local sources and outputs are recorded absolute, so a rerun from another folder means the same data
+        self.images = [s if "://" in s else os.path.abspath(os.path.expanduser(s)) for s in self.images]
         for name in ("tile_size", "max_tiles", "min_size", "shard_size", "batch_size", "max_pixels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -153,13 +155,11 @@ def _space_entries(cfg: BuildConfig, specs: list[VAESpec]) -> dict[str, SpaceEnt
 # ------------------------------------------------------------------------------------------- the index
 
 
-def _index(ray, cfg: BuildConfig, store: Store) -> pa.Table:
+def _index(ray, cfg: BuildConfig, store: Store, listing: tuple[list[str], dict] | None) -> pa.Table:
     """index.parquet: every listed URI with its image id and shard; built once, then reused."""
     if store.exists(INDEX):
         return store.read_table(INDEX)
-    uris, listing_skips = list_sources(cfg.images)
-    if not uris:
-        raise ValueError(f"no images found in {', '.join(cfg.images)} (extensions: jpg, png, webp, ...)")
+    uris, listing_skips = listing if listing is not None else list_sources(cfg.images)
     _say(cfg, f"indexing {len(uris)} files (reading and hashing each once)")
     hashed = ray.data.from_items([{"uri": u} for u in uris]).map_batches(hash_batch, batch_size=16)
     rows = sorted(hashed.take_all(), key=lambda r: r["uri"])
@@ -324,25 +324,36 @@ def _identity_diff(old: Manifest, new: Manifest) -> list[str]:
 
 
 def build(cfg: BuildConfig) -> Manifest:
-    """Build (or finish building) the dataset in cfg.out. Returns its manifest."""
+    """Build (or finish building) the dataset in cfg.out. Returns its manifest.
+
+    Everything a user can get wrong (spaces, VAEs, sources, the output folder) is checked before Ray starts
+    or anything is written."""
     store = Store(cfg.out)
+    old = None
+    if store.exists(MANIFEST):
+        old = Manifest.from_json(store.read_bytes(MANIFEST).decode(), f"{cfg.out}/{MANIFEST}")
+    elif not store.is_empty_or_missing():
+        raise ValueError(f"--out {cfg.out} holds files but no {MANIFEST}; use an empty or new folder")
+    specs = _specs(cfg, cfg.spaces, cfg.dtype)
+    if not specs:
+        raise ValueError("give at least one --space")
+    listing = None if store.exists(INDEX) else list_sources(cfg.images)
+    if listing is not None and not listing[0]:
+        raise ValueError(f"no images found in {', '.join(cfg.images)} (extensions: jpg, png, webp, ...)")
+    entries = _space_entries(cfg, specs)
+
     ray, started = _ray()
     try:
         workers, gpus, _ = _resources(ray, cfg)
         dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if gpus else "float32")
-        specs = _specs(cfg, cfg.spaces, dtype)
-        if not specs:
-            raise ValueError("give at least one --space")
+        specs = [replace(spec, dtype=dtype) for spec in specs]
+        for entry in entries.values():
+            entry.dtype = dtype
         manifest = Manifest(tile_size=cfg.tile_size, max_tiles=cfg.max_tiles, min_size=cfg.min_size,
                             max_pixels=cfg.max_pixels, shard_size=cfg.shard_size, sources=list(cfg.images),
-                            spaces={}, package_version=__version__,
-                            args={k: v for k, v in asdict(cfg).items() if k != "quiet"} | {"dtype": dtype})
-        old = None
-        if store.exists(MANIFEST):
-            old = Manifest.from_json(store.read_bytes(MANIFEST).decode(), f"{cfg.out}/{MANIFEST}")
-        elif not store.is_empty_or_missing():
-            raise ValueError(f"--out {cfg.out} holds files but no {MANIFEST}; use an empty or new folder")
-        manifest.spaces = _space_entries(cfg, specs)
+                            spaces=entries, package_version=__version__,
+                            args={k: v for k, v in asdict(cfg).items() if k not in ("quiet", "out")}
+                            | dict(dtype=dtype, workers=workers, gpus_per_worker=gpus))
         if old is not None:
             diffs = _identity_diff(old, manifest)
             if diffs:
@@ -357,7 +368,7 @@ def build(cfg: BuildConfig) -> Manifest:
             _say(cfg, f"removed {removed} half-written file(s) a stopped run left")
         store.write_bytes(MANIFEST, manifest.to_json().encode())  # complete=False until the end
 
-        index = _index(ray, cfg, store)
+        index = _index(ray, cfg, store, listing)
         shards = max(index.column("shard").to_pylist(), default=-1) + 1
         todo = [s for s in range(shards) if not _shard_done(store, s, manifest.spaces)]
         rows = [r for r in index.to_pylist() if r["shard"] in set(todo)]
@@ -398,3 +409,143 @@ def _finish(cfg, store: Store, manifest: Manifest, index: pa.Table, shards: int,
               f"{c['tiles']} tiles; skipped: {skipped}; this run {progress.tiles} tiles in {elapsed:.1f} s "
               f"({progress.tiles / max(elapsed, 1e-9):.2f} tiles/s) -> {store.uri}")
     return manifest
+
+
+# ------------------------------------------------------------------------------------------ add-space
+
+
+@dataclass
+class AddSpaceConfig:
+    data: str  # an existing, complete dataset
+    space: str  # "fx" or "fx=REPO[:SUBFOLDER]" or "fx=/local/vae"
+    batch_size: int = 6
+    workers: int = 0
+    gpus_per_worker: float = -1
+    dtype: str = "auto"
+    quiet: bool = False
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+
+
+def read_manifest(store: Store, where: str) -> Manifest:
+    if not store.exists(MANIFEST):
+        raise FileNotFoundError(f"{where}: no {MANIFEST}; not a dataset (build one with `interposer data build`)")
+    return Manifest.from_json(store.read_bytes(MANIFEST).decode(), f"{where}/{MANIFEST}")
+
+
+def add_space(cfg: AddSpaceConfig) -> Manifest:
+    """Encode one more space for the tiles a dataset already has; existing files are not touched."""
+    store = Store(cfg.data)
+    manifest = read_manifest(store, cfg.data)
+    code = parse_space_arg(cfg.space)[0]
+    if not manifest.complete and code not in manifest.spaces:
+        raise ValueError(f"{cfg.data} is not finished; rerun its `interposer data build` command first")
+    first = next(iter(manifest.spaces.values()))
+    build_cfg = BuildConfig(images=manifest.sources, spaces=[cfg.space], out=cfg.data,
+                            tile_size=manifest.tile_size, max_tiles=manifest.max_tiles, min_size=manifest.min_size,
+                            max_pixels=manifest.max_pixels, shard_size=manifest.shard_size,
+                            batch_size=cfg.batch_size, workers=cfg.workers, gpus_per_worker=cfg.gpus_per_worker,
+                            dtype=cfg.dtype, latent=first.latent, store_std=first.store_std, quiet=cfg.quiet)
+    specs = _specs(build_cfg, [cfg.space], cfg.dtype)
+    entry = _space_entries(build_cfg, specs)[code]
+    ray, started = _ray()
+    try:
+        workers, gpus, _ = _resources(ray, build_cfg)
+        dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if gpus else "float32")
+        specs = [replace(spec, dtype=dtype) for spec in specs]
+        entry.dtype = dtype
+        if code in manifest.spaces:
+            old = manifest.spaces[code]
+            diffs = [f"{a}: dataset has {getattr(old, a)!r}, you asked {getattr(entry, a)!r}"
+                     for a in ("vae", "subfolder", "fingerprint", "dtype") if getattr(old, a) != getattr(entry, a)]
+            if diffs:
+                raise ValueError(f"{cfg.data} already has {code} from another VAE ({'; '.join(diffs)}); "
+                                 "build a new dataset for it")
+            if manifest.complete:
+                _say(cfg, f"{cfg.data} already has {code} ({old.tiles} tiles); nothing to do")
+                return manifest
+            entry = old
+        store.remove_temporaries()
+        manifest.spaces[code] = entry
+        manifest.complete = False  # until every shard has the new space
+        store.write_bytes(MANIFEST, manifest.to_json().encode())
+
+        todo = [s for s in range(manifest.shards) if not store.exists(latents_path(code, s))]
+        tiles_of = {s: store.read_table(tiles_path(s)) for s in todo}
+        work, expected = [], {}
+        for s in todo:
+            for r in store.read_table(images_path(s)).to_pylist():
+                if r["status"] == "ok" and r["tiles"]:
+                    work.append(dict(image_id=r["image_id"], uri=r["uri"], shard=s))
+                    expected[s] = expected.get(s, 0) + 1
+        _say(cfg, f"adding {code} to {cfg.data}: {len(todo)} of {manifest.shards} shards to encode, "
+                  f"{len(work)} images; {workers} encoder(s), {gpus:g} GPU each, {dtype}")
+        progress = _Progress(shards_total=len(todo))
+        missing = 0
+
+        def on_shard(shard: int, shard_rows: list[dict]) -> None:
+            nonlocal missing
+            latents = {}
+            for r in shard_rows:
+                if r["status"] != "ok":
+                    continue
+                kept = json.loads(r["kept"])
+                lat, std = _latents(r, code, entry.latent_shape, len(kept), entry.store_std)
+                for j, i in enumerate(kept):
+                    latents[tile_key(r["image_id"], i)] = (lat[j], std[j] if std is not None else None)
+            keys = [k for k in tiles_of[shard].column("tile_key").to_pylist() if k in latents]
+            missing += tiles_of[shard].num_rows - len(keys)
+            shape = tuple(entry.latent_shape)
+            lat = np.stack([latents[k][0] for k in keys]) if keys else np.zeros((0, *shape), np.float16)
+            std = (np.stack([latents[k][1] for k in keys]) if keys else np.zeros((0, *shape), np.float16)) \
+                if entry.store_std else None
+            store.write_table(latents_path(code, shard), latent_table(keys, lat, std, shape))
+            progress.images += len(shard_rows)
+            progress.tiles += len(keys)
+
+        for s in [s for s in todo if s not in expected]:  # shards with no usable image: an empty file
+            on_shard(s, [])
+            progress.shards_done += 1
+        if work:
+            _run_shards(ray, build_cfg, store, specs, work, expected, on_shard, progress)
+        if missing:
+            _say(cfg, f"warning: {missing} tile(s) have no {code} latent (NaN/inf from its VAE, or a changed "
+                      f"source); join spaces on tile_key")
+        entry.tiles = sum(store.read_table(latents_path(code, s)).num_rows for s in range(manifest.shards))
+        manifest.complete = True
+        store.write_bytes(MANIFEST, manifest.to_json().encode())
+        _say(cfg, f"done: {code} added, {entry.tiles} of {manifest.counts.get('tiles', 0)} tiles -> {store.uri}")
+        return manifest
+    finally:
+        if started:
+            ray.shutdown()
+
+
+# -------------------------------------------------------------------------------------------- inspect
+
+
+def inspect_dataset(data: str) -> dict:
+    """Manifest summary plus per-space, per-channel latent mean and std (streamed over the shards)."""
+    from .schema import read_latents
+
+    store = Store(data)
+    manifest = read_manifest(store, data)
+    stats = {}
+    for code, entry in manifest.spaces.items():
+        c = entry.channels
+        n, total, total_sq = 0, np.zeros(c), np.zeros(c)
+        for name in store.list(f"latents/{code}"):
+            lat = read_latents(store.read_table(f"latents/{code}/{name}")).astype(np.float64)  # (N, C, h, w)
+            n += lat.shape[0] * lat.shape[2] * lat.shape[3]
+            total += lat.sum(axis=(0, 2, 3))
+            total_sq += (lat ** 2).sum(axis=(0, 2, 3))
+        mean = total / max(n, 1)
+        std = np.sqrt(np.maximum(total_sq / max(n, 1) - mean ** 2, 0))
+        stats[code] = dict(tiles=entry.tiles, mean=mean.round(4).tolist(), std=std.round(4).tolist())
+    return dict(path=store.uri, complete=manifest.complete, tile_size=manifest.tile_size, shards=manifest.shards,
+                counts=manifest.counts, spaces={k: asdict(v) for k, v in manifest.spaces.items()}, stats=stats,
+                fingerprint=manifest.fingerprint())

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,10 +69,15 @@ def load_vae(space: LatentSpace, source: str, subfolder: str | None, dtype: torc
     """The space's diffusers VAE class `from_pretrained(source, subfolder=...)`, eval mode, no grad."""
     cls = vae_class(space)
     kwargs = {"subfolder": subfolder} if subfolder else {}
+    where = f"{source}" + (f" (subfolder {subfolder})" if subfolder else "")
     try:
-        vae = cls.from_pretrained(source, torch_dtype=dtype, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as e:
-        where = f"{source}" + (f" (subfolder {subfolder})" if subfolder else "")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # diffusers' own deprecation chatter
+            vae = cls.from_pretrained(source, torch_dtype=dtype, **kwargs)
+    except (OSError, ValueError) as e:
+        if not Path(source).exists() and os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+            raise ValueError(f"the {space.code} VAE {where} is not in the Hugging Face cache and HF_HUB_OFFLINE is "
+                             f"set: download it first, or pass --space {space.code}=/local/folder") from e
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"cannot load the {space.code} VAE ({space.vae_class}) from {where}: {first}") from e
     return vae.to(device).eval().requires_grad_(False)
@@ -145,7 +152,8 @@ class TileEncoder:
     def encode(self, tiles: np.ndarray, keys: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray | None, np.ndarray]]:
         """tiles (N, T, T, 3) uint8 -> {space: (latents fp16 (N, C, h, w), stds fp16 or None, finite (N,) bool)}.
         Forward passes take at most `batch_size` tiles, always in the given order."""
-        pixels = torch.from_numpy(np.ascontiguousarray(tiles)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        pixels = torch.from_numpy(np.array(tiles, copy=not tiles.flags.writeable)).permute(0, 3, 1, 2)
+        pixels = pixels.float() / 127.5 - 1.0  # (N, 3, T, T) in [-1, 1]
         out = {}
         for spec in self.specs:
             space = get_space(spec.space)

@@ -95,11 +95,17 @@ def latent_schema(shape: tuple[int, ...], with_std: bool) -> pa.Schema:
 def latent_table(keys: list[str], latents: np.ndarray, stds: np.ndarray | None, shape: tuple[int, ...]) -> pa.Table:
     """keys + (N, C, h, w) fp16 latents (and stds) -> a table of latent_schema."""
     schema = latent_schema(shape, stds is not None)
-    latents = np.ascontiguousarray(latents, dtype=np.float16).reshape((len(keys), *shape))
-    columns = [pa.array(keys, pa.string()), pa.FixedShapeTensorArray.from_numpy_ndarray(latents)]
+    tensor = schema.field("latent").type
+
+    def column(values: np.ndarray) -> pa.Array:
+        values = np.ascontiguousarray(values, dtype=np.float16).reshape((len(keys), *shape))
+        flat = pa.array(values.reshape(-1), pa.float16())  # storage: fixed-size lists of C*h*w halves
+        storage = pa.FixedSizeListArray.from_arrays(flat, int(np.prod(shape)))
+        return pa.ExtensionArray.from_storage(tensor, storage)
+
+    columns = [pa.array(keys, pa.string()), column(latents)]
     if stds is not None:
-        stds = np.ascontiguousarray(stds, dtype=np.float16).reshape((len(keys), *shape))
-        columns.append(pa.FixedShapeTensorArray.from_numpy_ndarray(stds))
+        columns.append(column(stds))
     return pa.Table.from_arrays(columns, schema=schema)
 
 

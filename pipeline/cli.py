@@ -1,0 +1,136 @@
+"""`interposer data ...` (and `python -m pipeline ...`): build, grow and inspect latent datasets.
+
+    interposer data build --images photos/ more.txt s3://bucket/imgs/ --space v1 --space xl --out data/v1-xl
+    interposer data build --images photos/ --space v1=cache/my-vae --space xl=madebyollin/sdxl-vae-fp16-fix \\
+        --out s3://bucket/datasets/v1-xl --workers 8          # on a cluster: RAY_ADDRESS=... or `ray job submit`
+    interposer data add-space --data data/v1-xl --space fx
+    interposer data inspect data/v1-xl
+
+Ray is imported only when a command runs, so `interposer --help` stays fast and `interposer` stays light.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def _add_build(sub) -> None:
+    p = sub.add_parser(
+        "build", help="encode image tiles with several VAEs into an aligned Parquet dataset",
+        description="Read images, cut up to --max-tiles tiles of --tile-size px from each, encode every tile with "
+        "each --space's VAE (Ray Data; GPUs when the cluster has them) and write Parquet shards plus "
+        "manifest.json to --out. Rerunning the same command finishes what is missing.")
+    p.add_argument("--images", nargs="+", required=True, metavar="SRC",
+                   help="image sources: folders (recursive), globs, listing files (.txt one per line, .csv/.parquet "
+                   "with a uri column), s3:// or gs:// prefixes")
+    p.add_argument("--space", action="append", required=True, metavar="CODE[=VAE]",
+                   help="a latent space to encode, repeatable; VAE overrides the registry's default: a local folder, "
+                   "or a Hub repo id with an optional :subfolder (e.g. xl=madebyollin/sdxl-vae-fp16-fix)")
+    p.add_argument("--out", required=True, help="dataset folder or URI (s3://...)")
+    p.add_argument("--tile-size", type=int, default=1024, help="tile side in pixels, a multiple of 64 (default 1024)")
+    p.add_argument("--max-tiles", type=int, default=6, help="tiles per image at most (default 6)")
+    p.add_argument("--min-size", type=int, default=512,
+                   help="skip images whose short side is below this; smaller than --tile-size ones are enlarged "
+                   "(default 512)")
+    p.add_argument("--max-pixels", type=int, default=1 << 28,
+                   help="skip images with more pixels as decompression bombs (default 268435456)")
+    p.add_argument("--shard-size", type=int, default=64, help="unique images per shard, the unit of resume (default 64)")
+    _add_encoding_flags(p)
+    p.add_argument("--latent", choices=("mean", "sample"), default="mean",
+                   help="store the encoder distribution's mean (default) or a sample seeded by tile key")
+    p.add_argument("--store-std", action="store_true", help="also store the encoder distribution's std")
+    p.set_defaults(func=_cmd_build)
+
+
+def _add_encoding_flags(p) -> None:
+    p.add_argument("--batch-size", type=int, default=6,
+                   help="tiles per VAE forward pass; only one image's tiles share a pass (default 6)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="encoder actors (default 0: one per GPU in the cluster, or 1 without GPUs)")
+    p.add_argument("--gpus-per-worker", type=float, default=-1,
+                   help="GPUs per encoder actor (default: 1 when the cluster has GPUs, else 0)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="encoder precision (default auto: bfloat16 on GPU, float32 on CPU); NaN/inf tiles are "
+                   "retried in float32")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+
+
+def _cmd_build(args) -> int:
+    from .build import BuildConfig, build
+
+    build(BuildConfig(images=args.images, spaces=args.space, out=args.out, tile_size=args.tile_size,
+                      max_tiles=args.max_tiles, min_size=args.min_size, max_pixels=args.max_pixels,
+                      shard_size=args.shard_size, batch_size=args.batch_size, workers=args.workers,
+                      gpus_per_worker=args.gpus_per_worker, dtype=args.dtype, latent=args.latent,
+                      store_std=args.store_std, quiet=args.quiet))
+    return 0
+
+
+def _add_add_space(sub) -> None:
+    p = sub.add_parser(
+        "add-space", help="encode one more latent space for the tiles a dataset already has",
+        description="Re-derive the dataset's tiles from their sources and recorded boxes and encode only the new "
+        "space; existing files stay byte-identical. Rerun the same command to finish after a stop.")
+    p.add_argument("--data", required=True, help="an existing dataset folder or URI")
+    p.add_argument("--space", required=True, metavar="CODE[=VAE]", help="the space to add, as in `data build`")
+    _add_encoding_flags(p)
+    p.set_defaults(func=_cmd_add_space)
+
+
+def _cmd_add_space(args) -> int:
+    from .build import AddSpaceConfig, add_space
+
+    add_space(AddSpaceConfig(data=args.data, space=args.space, batch_size=args.batch_size, workers=args.workers,
+                             gpus_per_worker=args.gpus_per_worker, dtype=args.dtype, quiet=args.quiet))
+    return 0
+
+
+def _add_inspect(sub) -> None:
+    p = sub.add_parser("inspect", help="summarise a dataset: counts, VAEs, per-channel latent statistics",
+                       description="Print a dataset's manifest summary, tile counts, skip reasons and, per space, "
+                       "the per-channel mean and std of its latents.")
+    p.add_argument("data", help="dataset folder or URI")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=_cmd_inspect)
+
+
+def _cmd_inspect(args) -> int:
+    from .build import inspect_dataset
+
+    info = inspect_dataset(args.data)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    c = info["counts"]
+    print(f"{info['path']}  ({'complete' if info['complete'] else 'INCOMPLETE: rerun its build command'})")
+    print(f"  {c.get('listed', 0)} files, {c.get('unique_images', 0)} unique images, {c.get('images_ok', 0)} used, "
+          f"{c.get('tiles', 0)} tiles of {info['tile_size']} px in {info['shards']} shards")
+    skipped = ", ".join(f"{k} {v}" for k, v in c.get("skipped", {}).items()) or "none"
+    print(f"  skipped: {skipped}")
+    print(f"  fingerprint: {info['fingerprint']}")
+    for code, s in info["spaces"].items():
+        st = info["stats"][code]
+        sub = f":{s['subfolder']}" if s["subfolder"] else ""
+        print(f"  {code}: {s['tiles']} latents {tuple(s['latent_shape'])} from {s['vae_class']} {s['vae']}{sub} "
+              f"({s['dtype']}, {s['latent']}), weights {s['fingerprint'][:19]}...")
+        print(f"      mean {' '.join(f'{v:+.3f}' for v in st['mean'])}")
+        print(f"      std  {' '.join(f'{v:.3f}' for v in st['std'])}")
+    return 0
+
+
+def register(sub) -> None:
+    """Add `data` (build, add-space, inspect) to the `interposer` command's subcommands."""
+    p = sub.add_parser("data", help="build, grow and inspect latent datasets (Ray Data)",
+                       description="Build, grow and inspect paired latent datasets.")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    for add in (_add_build, _add_add_space, _add_inspect):
+        add(data_sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m pipeline build|add-space|inspect ...`"""
+    from interposer.cli import run_parser
+
+    return run_parser("python -m pipeline", "Build, grow and inspect paired latent datasets.",
+                      [_add_build, _add_add_space, _add_inspect], argv)

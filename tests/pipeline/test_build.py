@@ -1,0 +1,188 @@
+"""The Ray Data build on a real local Ray session, real photographs and stand-in VAEs of the real classes."""
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from helpers import run
+from pipeline.build import AddSpaceConfig, BuildConfig, add_space, build, inspect_dataset
+from pipeline.encoder import TileEncoder, VAESpec
+from pipeline.rows import cut_one
+from pipeline.schema import Manifest, read_latents
+
+TILE = 64
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory, photos) -> Path:
+    """The photographs plus what real folders hold: a duplicate, junk and broken files."""
+    root = tmp_path_factory.mktemp("sources")
+    shutil.copytree(photos, root / "photos")
+    bad = root / "photos" / "misc"
+    bad.mkdir()
+    shutil.copy(photos / "coffee.png", bad / "COFFEE-copy.PNG")  # same bytes, another name: encoded once
+    data = (photos / "rocket.jpg").read_bytes()
+    (bad / "truncated.jpg").write_bytes(data[: len(data) // 3])
+    (bad / "empty.jpg").write_bytes(b"")
+    (bad / "notes.png").write_text("not an image")
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buf, format="PNG")
+    (bad / "dot.png").write_bytes(buf.getvalue())
+    return root / "photos"
+
+
+def _cfg(sources, vaes, out, spaces=("v1", "xl"), **kw) -> BuildConfig:
+    kw = dict(tile_size=TILE, max_tiles=3, min_size=100, shard_size=2, quiet=True) | kw
+    return BuildConfig(images=[str(sources)], spaces=[f"{s}={vaes[s]}" for s in spaces], out=str(out), **kw)
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def clean(ray_session, sources, vaes, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("clean") / "data"
+    build(_cfg(sources, vaes, out))
+    return out
+
+
+def test_build_writes_aligned_latents_with_reasons_for_every_skip(clean, sources, vaes):
+    manifest = Manifest.from_json((clean / "manifest.json").read_text())
+    assert manifest.complete and set(manifest.spaces) == {"v1", "xl"}
+    c = manifest.counts
+    assert (c["listed"], c["unique_images"], c["duplicates"], c["images_ok"]) == (10, 9, 1, 5)
+    assert c["skipped"] == {"corrupt": 2, "not_an_image": 1, "too_small": 1}
+    assert c["tiles"] == 15 and manifest.shards == 5
+    for code, entry in manifest.spaces.items():
+        assert entry.tiles == 15 and entry.latent_shape == [4, TILE // 8, TILE // 8]
+        assert entry.fingerprint.startswith("sha256:") and entry.dtype == "float32"
+        assert entry.vae == str(vaes[code])
+
+    # plain pyarrow, no Ray: tiles and every space's latents align row for row
+    tiles = pq.read_table(clean / "tiles").to_pylist()
+    for code in ("v1", "xl"):
+        table = pq.read_table(clean / "latents" / code)
+        assert table.column("tile_key").to_pylist() == [t["tile_key"] for t in tiles]
+        assert str(table.schema.field("latent").type).startswith("extension<arrow.fixed_shape_tensor")
+        assert read_latents(table).shape == (15, 4, TILE // 8, TILE // 8)
+
+    # a tile re-derived from its source and encoded directly gives the stored latent
+    t = tiles[4]
+    row = cut_one(t["uri"], t["image_id"], TILE, 3, 100)
+    assert json.loads(row["boxes"])[json.loads(row["indices"]).index(t["tile_index"])] == t["box"]
+    pixels = np.frombuffer(row["pixels"], np.uint8).reshape(-1, TILE, TILE, 3)
+    enc = TileEncoder([VAESpec("xl", str(vaes["xl"]), None, "float32")], device="cpu", batch_size=6)
+    keys = [f"{t['image_id']}-{i:02d}" for i in json.loads(row["indices"])]
+    direct = enc.encode(pixels, keys)["xl"][0][json.loads(row["indices"]).index(t["tile_index"])]
+    stored = read_latents(pq.read_table(clean / "latents" / "xl"))[4]
+    assert np.array_equal(direct, stored)
+
+    images = pq.read_table(clean / "images").to_pylist()
+    by_name = {Path(r["uri"]).name: r["status"] for r in images}
+    assert by_name["truncated.jpg"] == "corrupt" and by_name["dot.png"] == "too_small"
+    assert "COFFEE-copy.PNG" not in by_name and by_name["coffee.png"] == "ok"  # the first URI in sort order
+
+
+def test_same_command_same_bytes_and_rerun_does_nothing(clean, sources, vaes, tmp_path, capsys):
+    out = tmp_path / "again"
+    build(_cfg(sources, vaes, out))
+    assert _digest(out) == _digest(clean)
+    before = _digest(out)
+    build(_cfg(sources, vaes, out, quiet=False))
+    assert "is complete (15 tiles); nothing to do" in capsys.readouterr().out
+    assert _digest(out) == before
+
+
+def test_rerun_with_other_settings_is_refused(clean, sources, vaes, tmp_path):
+    before = _digest(clean)
+    with pytest.raises(ValueError, match=r"holds a different dataset \(tile_size: dataset has 64, you asked 128; "
+                                         r"spaces: dataset has v1, xl, you asked fx, v1\).*add-space"):
+        build(_cfg(sources, vaes, clean, spaces=("v1", "fx"), tile_size=128))
+    assert _digest(clean) == before
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="holds files but no manifest.json"):
+        build(_cfg(sources, vaes, other))
+
+
+def test_add_space_leaves_existing_files_untouched(clean, vaes, tmp_path):
+    data = tmp_path / "grow"
+    shutil.copytree(clean, data)
+    before = _digest(data)
+    manifest = add_space(AddSpaceConfig(data=str(data), space=f"fx={vaes['fx']}", quiet=True))
+    after = _digest(data)
+    assert {k: after[k] for k in before if k != "manifest.json"} == {k: v for k, v in before.items()
+                                                                      if k != "manifest.json"}
+    assert manifest.spaces["fx"].tiles == 15 and manifest.complete
+    fx = pq.read_table(data / "latents" / "fx")
+    assert fx.column("tile_key").to_pylist() == pq.read_table(data / "tiles").column("tile_key").to_pylist()
+    assert read_latents(fx).shape == (15, 16, TILE // 8, TILE // 8)
+    # the same latents as building with fx from the start
+    full = tmp_path / "full"
+    build(_cfg(Path(Manifest.from_json((clean / "manifest.json").read_text()).sources[0]), vaes, full,
+               spaces=("v1", "xl", "fx")))
+    assert _digest(full / "latents" / "fx") == _digest(data / "latents" / "fx")
+
+
+def test_sigkill_mid_build_then_rerun_equals_a_clean_build(ray_session, sources, vaes, tmp_path):
+    cfg = _cfg(sources, vaes, tmp_path / "killed", shard_size=1)
+    reference = tmp_path / "reference"
+    build(_cfg(sources, vaes, reference, shard_size=1))
+    cmd = [sys.executable, "-m", "pipeline", "build", "--images", str(sources), "--out", cfg.out,
+           "--space", f"v1={vaes['v1']}", "--space", f"xl={vaes['xl']}", "--tile-size", str(TILE),
+           "--max-tiles", "3", "--min-size", "100", "--shard-size", "1"]
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((tmp_path / "killed").glob("images/part-*.parquet"))) < 2:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(list((tmp_path / "killed").glob("images/part-*.parquet")))
+    assert 2 <= done < 9, f"the kill should land mid-build, not after it ({done} shards)"
+    assert not Manifest.from_json((tmp_path / "killed" / "manifest.json").read_text()).complete
+    build(cfg)
+    assert _digest(tmp_path / "killed") == _digest(reference)
+
+
+def test_inspect_reports_per_channel_statistics(clean):
+    info = inspect_dataset(str(clean))
+    lat = read_latents(pq.read_table(clean / "latents" / "v1")).astype(np.float64)
+    np.testing.assert_allclose(info["stats"]["v1"]["mean"], lat.mean(axis=(0, 2, 3)), atol=1e-4)
+    np.testing.assert_allclose(info["stats"]["v1"]["std"], lat.std(axis=(0, 2, 3)), atol=1e-4)
+    result = run("-m", "interposer", "data", "inspect", str(clean))
+    assert result.returncode == 0, result.stderr
+    assert "5 used, 15 tiles of 64 px in 5 shards" in result.stdout
+    assert "skipped: corrupt 2, not_an_image 1, too_small 1" in result.stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["data", "build", "--images", "IMGS", "--space", "v9", "--out", "OUT"], "unknown latent space 'v9'"),
+    (["data", "build", "--images", "/no/such/dir", "--space", "v1", "--out", "OUT"], "image source not found"),
+    (["data", "build", "--images", "IMGS", "--space", "v1", "--out", "OUT", "--tile-size", "100"],
+     "--tile-size must be a multiple of 64"),
+    (["data", "add-space", "--data", "IMGS", "--space", "fx"], "no manifest.json; not a dataset"),
+    (["data", "inspect", "/no/such/data"], "no manifest.json"),
+])  # fmt: skip
+def test_cli_mistakes_exit_2_and_write_nothing(argv, message, sources, tmp_path):
+    argv = [a.replace("IMGS", str(sources)).replace("OUT", str(tmp_path / "out")) for a in argv]
+    result = run("-m", "interposer", *argv, env={"RAY_ADDRESS": ""})
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()
