@@ -23,6 +23,7 @@ test: venv
 
 bench: venv
 	$(PY) bench/convert.py
+	$(PY) bench/encode.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -189,6 +189,22 @@ class _Progress:
     tiles: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
     start: float = field(default_factory=time.perf_counter)
+    first_row: tuple[float, int] | None = None  # (time, its tiles) when the first encoded image came back
+
+    def row_received(self, row: dict) -> None:
+        if self.first_row is None:
+            self.first_row = (time.perf_counter(), len(json.loads(row["kept"])) if row["status"] == "ok" else 0)
+
+    def shard_written(self) -> None:
+        self.shards_done += 1
+
+    def stats(self) -> dict:
+        """This run's timing (not part of the manifest: it would make rebuilt datasets differ). The steady
+        figures start when the first image is back, so they leave out actor start-up and VAE loading."""
+        now = time.perf_counter()
+        first_t, first_n = self.first_row or (now, self.tiles)
+        return dict(tiles=self.tiles, seconds=now - self.start, steady_tiles=self.tiles - first_n,
+                    steady_seconds=now - first_t)
 
     def line(self) -> str:
         rate = self.tiles / max(time.perf_counter() - self.start, 1e-9)
@@ -261,11 +277,12 @@ def _run_shards(ray, cfg: BuildConfig, store: Store, specs: list[VAESpec], work:
                                    device="cuda" if gpus else "cpu"))
     pending: dict[int, list[dict]] = {}
     for row in ds.iter_rows():
+        progress.row_received(row)
         shard = int(row["shard"])
         pending.setdefault(shard, []).append(row)
         if len(pending[shard]) == expected[shard]:
             on_shard(shard, pending.pop(shard))
-            progress.shards_done += 1
+            progress.shard_written()
             _say(cfg, progress.line())
     if pending:
         raise RuntimeError(f"shards {sorted(pending)} came back incomplete; rerun the same command to finish")
@@ -402,6 +419,7 @@ def _finish(cfg, store: Store, manifest: Manifest, index: pa.Table, shards: int,
     manifest.counts = _counts(store, index, shards)
     manifest.complete = True
     store.write_bytes(MANIFEST, manifest.to_json().encode())
+    manifest.run_stats = progress.stats()
     elapsed = time.perf_counter() - progress.start
     c = manifest.counts
     skipped = ", ".join(f"{k} {v}" for k, v in c["skipped"].items()) or "none"
@@ -509,7 +527,7 @@ def add_space(cfg: AddSpaceConfig) -> Manifest:
 
         for s in [s for s in todo if s not in expected]:  # shards with no usable image: an empty file
             on_shard(s, [])
-            progress.shards_done += 1
+            progress.shard_written()
         if work:
             _run_shards(ray, build_cfg, store, specs, work, expected, on_shard, progress)
         if missing:
