@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from interposer.spaces import LatentSpace, get_space
+from interposer.vae import load_vae, vae_class  # noqa: F401  (re-exported: pipeline.encoder.load_vae)
 
 
 @dataclass(frozen=True)
@@ -58,29 +59,6 @@ def resolve_source(space: LatentSpace, source: str | None, subfolder: str | None
             and (local / space.vae_subfolder / "config.json").is_file():
         return source, space.vae_subfolder
     return source, subfolder
-
-
-def vae_class(space: LatentSpace):
-    return getattr(importlib.import_module(space.vae_module), space.vae_class)
-
-
-def load_vae(space: LatentSpace, source: str, subfolder: str | None, dtype: torch.dtype = torch.float32,
-             device: str | torch.device = "cpu"):
-    """The space's diffusers VAE class `from_pretrained(source, subfolder=...)`, eval mode, no grad."""
-    cls = vae_class(space)
-    kwargs = {"subfolder": subfolder} if subfolder else {}
-    where = f"{source}" + (f" (subfolder {subfolder})" if subfolder else "")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # diffusers' own deprecation chatter
-            vae = cls.from_pretrained(source, torch_dtype=dtype, **kwargs)
-    except (OSError, ValueError) as e:
-        if not Path(source).exists() and os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
-            raise ValueError(f"the {space.code} VAE {where} is not in the Hugging Face cache and HF_HUB_OFFLINE is "
-                             f"set: download it first, or pass --space {space.code}=/local/folder") from e
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"cannot load the {space.code} VAE ({space.vae_class}) from {where}: {first}") from e
-    return vae.to(device).eval().requires_grad_(False)
 
 
 def fingerprint(vae: torch.nn.Module) -> str:
