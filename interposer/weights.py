@@ -104,6 +104,7 @@ def _build(args: dict, state: dict[str, torch.Tensor], where: Path) -> Interpose
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        first = first if len(first) < 200 else first[:200] + "..."
         raise ValueError(f"{where}: weights do not fit the interposer {args}: {first}") from e
     return model.eval()
 

@@ -12,9 +12,6 @@ which are always grouped the same way; NaN/inf results are retried in fp32 and e
 from __future__ import annotations
 
 import hashlib
-import importlib
-import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -1,0 +1,77 @@
+"""Checkpoints: everything the loop needs to go on, as named groups in one folder.
+
+    primary.safetensors / secondary.safetensors   both models (safetensors: no pickles)
+    state.pt      optimizers, schedulers, step, sampler, RNG states (python, numpy, torch, cuda) per rank;
+                  read back with torch.load(weights_only=True): tensors, numbers and strings only
+    config.json   the resolved training config and the dataset pair's fingerprint
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+STATE = "state.pt"
+
+
+def rng_state() -> dict:
+    """This process's RNG states in a weights_only-safe form."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = dict(python=repr(random.getstate()), numpy=dict(kind=kind, keys=torch.from_numpy(keys.astype(np.int64)),
+                 pos=pos, has_gauss=has_gauss, gauss=gauss), torch=torch.get_rng_state())
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import ast
+
+    random.setstate(ast.literal_eval(state["python"]))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
+def save_checkpoint(folder: str | Path, primary, secondary, optims: dict, step: int, sampler: dict,
+                    rng_by_rank: list[dict], config: dict, fingerprint: str) -> Path:
+    """Write a checkpoint folder (models unwrapped from DDP first)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(_weights(primary), str(folder / "primary.safetensors"))
+    save_file(_weights(secondary), str(folder / "secondary.safetensors"))
+    torch.save(dict(step=step, sampler=sampler, rng=rng_by_rank,
+                    optimizers={k: o.state_dict() for k, (o, _) in optims.items()},
+                    schedulers={k: s.state_dict() for k, (_, s) in optims.items()}), folder / STATE)
+    (folder / "config.json").write_text(json.dumps(dict(config=config, dataset_fingerprint=fingerprint), indent=2))
+    return folder
+
+
+def load_checkpoint(folder: str | Path, primary, secondary, optims: dict) -> dict:
+    """Load a checkpoint into the (unwrapped) models and optimizers; returns state.pt's contents.
+    A truncated or corrupt file raises ValueError naming it."""
+    folder = Path(folder)
+    for name in ("primary.safetensors", "secondary.safetensors", STATE, "config.json"):
+        if not (folder / name).is_file():
+            raise ValueError(f"checkpoint {folder} is missing {name}")
+    try:
+        primary.load_state_dict(load_file(str(folder / "primary.safetensors")))
+        secondary.load_state_dict(load_file(str(folder / "secondary.safetensors")))
+        state = torch.load(folder / STATE, weights_only=True, map_location="cpu")
+    except Exception as e:  # noqa: BLE001  (safetensors, pickle and zip errors all mean one thing here)
+        raise ValueError(f"checkpoint {folder} is unreadable ({type(e).__name__}: {e})") from e
+    for key, (opt, sched) in optims.items():
+        opt.load_state_dict(state["optimizers"][key])
+        sched.load_state_dict(state["schedulers"][key])
+    return state

@@ -1,0 +1,166 @@
+"""The Ray Train driver: `interposer train`. The only trainer module that imports Ray.
+
+    interposer train --data data/xl-v1 --src xl --dst v1 --out runs --name xl-v1            # CPU, 1 worker
+    interposer train --data s3://b/data --src xl --dst v1 --out s3://b/runs --name xl-v1 --gpu --workers 8
+
+Rerunning the same command resumes from the run's latest checkpoint (Ray Train keeps the run's state under
+OUT/NAME); a worker lost mid-run is replaced and the run goes on from the latest checkpoint by itself
+(--max-failures). Every random draw is seeded by (seed, step, rank), so a resumed run ends with the same
+weights as one that never stopped (on the CPU; GPU kernels are not bit-reproducible).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from interposer import save_interposer, save_released
+from interposer.model import InterposerModel
+
+from .config import TrainConfig
+from .data import read_manifest, check_pair
+
+RUN_RECORD = "interposer-run.json"
+EXPORT = "export"
+# settings that do not change what is computed: a resume may change them
+_FREE = ("max_failures", "log_every", "checkpoint_every", "eval_every", "eval_tiles", "num_to_keep",
+         "preemption_check_every")
+
+
+def pair_fingerprint(manifest, src: str, dst: str) -> str:
+    """What the pair's latents depend on: tiling, sources and both spaces' VAEs."""
+    ident = dict(manifest.identity(), src=(src, manifest.spaces[src].fingerprint, manifest.spaces[src].dtype),
+                 dst=(dst, manifest.spaces[dst].fingerprint, manifest.spaces[dst].dtype), tiles=manifest.counts)
+    return "sha256:" + hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass
+class RunSpec:
+    data: str
+    out: str
+    name: str
+    rev: str = "v5.0"  # version in the exported released-layout file name
+
+    def __post_init__(self):
+        # workers run elsewhere (another folder, another node): local paths travel absolute
+        if "://" not in self.data:
+            self.data = os.path.abspath(os.path.expanduser(self.data))
+
+
+def _local(out: str) -> bool:
+    return "://" not in out
+
+
+def _run_dir(spec: RunSpec) -> str:
+    base = os.path.abspath(os.path.expanduser(spec.out)) if _local(spec.out) else spec.out.rstrip("/")
+    return f"{base}/{spec.name}"
+
+
+def _store(spec: RunSpec):
+    from pipeline.store import Store
+
+    return Store(_run_dir(spec))
+
+
+def _check_resume(cfg: TrainConfig, spec: RunSpec, fingerprint: str) -> dict | None:
+    """The run's record, if any; refuses a resume whose data or config differ, naming the difference."""
+    store = _store(spec)
+    if not store.exists(RUN_RECORD):
+        return None
+    record = json.loads(store.read_bytes(RUN_RECORD))
+    diffs = []
+    if record["dataset_fingerprint"] != fingerprint:
+        diffs.append(f"--data: the run was trained on {record['data']} ({record['dataset_fingerprint'][:19]}...), "
+                     f"this is {spec.data} ({fingerprint[:19]}...)")
+    new = cfg.to_dict()
+    for key, old in record["config"].items():
+        if key not in _FREE and new.get(key) != old:
+            diffs.append(f"{key}: the run has {old!r}, you asked {new.get(key)!r}")
+    if diffs:
+        raise ValueError(f"run {_run_dir(spec)} exists with different settings ({'; '.join(diffs)}); "
+                         "pass the same ones to resume, or a new --name")
+    return record
+
+
+def train(cfg: TrainConfig, spec: RunSpec) -> Path | str:
+    """Train (or resume, or find finished) the run OUT/NAME; returns the export folder."""
+    manifest = read_manifest(spec.data)
+    check_pair(manifest, spec.data, cfg.src, cfg.dst)
+    fingerprint = pair_fingerprint(manifest, cfg.src, cfg.dst)
+    record = _check_resume(cfg, spec, fingerprint)
+    store = _store(spec)
+    export = f"{_run_dir(spec)}/{EXPORT}"
+    if record and record.get("finished"):
+        print(f"[train] {spec.name} already finished at step {record['finished']}; nothing to do. Export: {export}")
+        return Path(export) if _local(spec.out) else export
+    store.write_bytes(RUN_RECORD, json.dumps(dict(config=cfg.to_dict(), data=spec.data,
+                                                  dataset_fingerprint=fingerprint, finished=None), indent=2).encode())
+    print(f"[train] {cfg.src} -> {cfg.dst} on {spec.data}: {cfg.steps} steps, batch {cfg.batch} of {cfg.crop}px "
+          f"crops, {cfg.workers} worker(s){' on GPU' if cfg.gpu else ''}; run {_run_dir(spec)}"
+          + (" (resuming)" if record else ""), flush=True)
+
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from .loop import train_loop_per_worker
+
+    started = False
+    if not ray.is_initialized():
+        kwargs = {} if os.environ.get("RAY_ADDRESS") else dict(include_dashboard=False)
+        ray.init(logging_level="warning", **kwargs)
+        started = True
+    try:
+        storage = os.path.abspath(os.path.expanduser(spec.out)) if _local(spec.out) else spec.out
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config=dict(cfg=cfg.to_dict(), data=spec.data, fingerprint=fingerprint,
+                                   tensorboard=f"{_run_dir(spec)}/tensorboard" if _local(spec.out) else None),
+            scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu),
+            run_config=RunConfig(name=spec.name, storage_path=storage,
+                                 failure_config=FailureConfig(max_failures=cfg.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep)),
+        )
+        start = time.perf_counter()
+        result = trainer.fit()
+        if result.checkpoint is None:
+            raise RuntimeError(f"run {spec.name} ended without a checkpoint")
+        with result.checkpoint.as_directory() as folder:
+            state = torch.load(Path(folder) / "state.pt", weights_only=True, map_location="cpu")
+            primary = load_primary(folder, cfg)
+            _export(primary, cfg, spec)
+        store.write_bytes(RUN_RECORD, json.dumps(dict(config=cfg.to_dict(), data=spec.data,
+                                                      dataset_fingerprint=fingerprint, finished=int(state["step"])),
+                                                 indent=2).encode())
+        print(f"[train] done: step {state['step']} in {time.perf_counter() - start:.1f} s; export: {export}")
+        return Path(export) if _local(spec.out) else export
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def load_primary(folder, cfg: TrainConfig) -> InterposerModel:
+    from safetensors.torch import load_file
+
+    model = InterposerModel(**cfg.model_args())
+    model.load_state_dict(load_file(str(Path(folder) / "primary.safetensors")))
+    return model.eval()
+
+
+def _export(primary: InterposerModel, cfg: TrainConfig, spec: RunSpec) -> None:
+    """RUNS/NAME/export/: our format (model.safetensors + config.json) and the released layout file."""
+    with tempfile.TemporaryDirectory() as tmp:
+        save_interposer(primary, tmp, cfg.src, cfg.dst, version=spec.rev,
+                        extra=dict(trained_steps=cfg.steps, data=spec.data))
+        if (cfg.ch_mid, cfg.blocks) == (64, 12):  # the v4 architecture: also the file layout v4 loaders know
+            save_released(primary, Path(tmp) / f"{cfg.src}-to-{cfg.dst}_interposer-{spec.rev}.safetensors")
+        store = _store(spec)
+        for p in sorted(Path(tmp).iterdir()):
+            store.write_bytes(f"{EXPORT}/{p.name}", p.read_bytes())

@@ -1,0 +1,130 @@
+"""The function each Ray Train worker runs: load state (before DDP), step, report, checkpoint.
+
+Rank 0 writes checkpoints, validation and TensorBoard; every rank calls ray.train.report the same number of
+times. The arithmetic is trainer.step's, shared with the bare loop in bench/train.py.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+
+import torch
+
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import TrainConfig
+from .data import CropSampler, load_pair, step_seed
+from .step import build_models, build_optim, train_step, validation_l1
+
+
+def _decoder(cfg: TrainConfig, data: str, device):
+    """The frozen target-space decoder, for the optional decoded-space loss."""
+    from interposer.spaces import get_space
+    from interposer.vae import load_vae
+
+    from .data import read_manifest
+
+    entry = read_manifest(data).spaces[cfg.dst]
+    vae = load_vae(get_space(cfg.dst), entry.vae, entry.subfolder, torch.float32, device)
+    return lambda z: vae.decode(z.unsqueeze(2) if get_space(cfg.dst).video else z).sample.squeeze(2) \
+        if get_space(cfg.dst).video else vae.decode(z).sample
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+    import torch.distributed as dist
+    from ray.train import Checkpoint
+
+    cfg = TrainConfig(**config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if cfg.gpu else torch.device("cpu")
+
+    train_data = load_pair(config["data"], cfg.src, cfg.dst, "train", cfg.val_fraction)
+    sampler = CropSampler(train_data, cfg.src, cfg.dst, cfg.crop, cfg.batch, cfg.seed, rank, world)
+    primary, secondary = build_models(cfg)
+    optims = {"primary": build_optim(cfg, primary)}
+    if cfg.uses_secondary:
+        optims["secondary"] = build_optim(cfg, secondary)
+
+    start = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:  # load everything before wrapping in DDP
+        with checkpoint.as_directory() as folder:
+            state = load_checkpoint(folder, primary, secondary, optims)
+        start = int(state["step"])
+        sampler.load_state_dict(state["sampler"])
+        if rank < len(state["rng"]):
+            set_rng_state(state["rng"][rank])
+        if rank == 0:
+            print(f"[train] resuming from step {start}", flush=True)
+
+    primary = ray.train.torch.prepare_model(primary, move_to_device=device) if world > 1 else primary.to(device)
+    if cfg.uses_secondary:
+        secondary = ray.train.torch.prepare_model(secondary, move_to_device=device) if world > 1 else secondary.to(device)
+    else:
+        secondary = secondary.to(device)
+    unwrap = lambda m: getattr(m, "module", m)  # noqa: E731
+    decoder = _decoder(cfg, config["data"], device) if cfg.decoded_loss_weight else None
+
+    val = load_pair(config["data"], cfg.src, cfg.dst, "val", cfg.val_fraction) if rank == 0 and cfg.val_fraction else None
+    writer = None
+    if rank == 0 and config.get("tensorboard"):
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(config["tensorboard"], purge_step=start)
+
+    t0, last_step = time.perf_counter(), start
+    for step in range(start, cfg.steps):
+        torch.manual_seed(step_seed(cfg.seed, step, rank, 2))  # dropout: a function of (seed, step, rank)
+        src, dst = sampler.next()
+        losses = train_step(cfg, primary, secondary, list(optims.values()), src, dst, device, decoder, step)
+        done = step + 1
+
+        preempted = False
+        if world > 1 and done % cfg.preemption_check_every == 0:
+            preempted = ray.train.get_preemption_info() is not None  # a barrier: every rank asks
+        save = done % cfg.checkpoint_every == 0 or done == cfg.steps or preempted
+        log = done % cfg.log_every == 0 or save
+        evaluate = (done % cfg.eval_every == 0 or done == cfg.steps) and val is not None
+        if not (log or evaluate):
+            continue
+
+        metrics = {f"loss_{k}": v for k, v in losses.parts.items()}
+        metrics["loss"] = float(losses.total.detach())
+        if world > 1:  # the mean over ranks, for the log only
+            t = torch.tensor([metrics[k] for k in sorted(metrics)], dtype=torch.float64)
+            dist.all_reduce(t)
+            metrics = {k: v / world for k, v in zip(sorted(metrics), t.tolist())}
+        metrics.update(step=done, lr=optims["primary"][1].get_last_lr()[0])
+        if evaluate and rank == 0:
+            metrics["val_l1"] = validation_l1(unwrap(primary), val.src[: cfg.eval_tiles], val.dst[: cfg.eval_tiles],
+                                              device)
+        rngs = [None] * world
+        if save:
+            if world > 1:
+                dist.all_gather_object(rngs, rng_state())
+            else:
+                rngs = [rng_state()]
+        if rank == 0:
+            rate = (done - last_step) / max(time.perf_counter() - t0, 1e-9)
+            eta = (cfg.steps - done) / max(rate, 1e-9)
+            extra = f", val L1 {metrics['val_l1']:.4f}" if "val_l1" in metrics else ""
+            print(f"[train] step {done}/{cfg.steps}  {rate:.2f} steps/s  loss {metrics['loss']:.4f}{extra}  "
+                  f"lr {metrics['lr']:.2e}  ETA {eta / 60:.1f} min" + ("  (preemption notice: checkpoint)" if preempted else ""),
+                  flush=True)
+            t0, last_step = time.perf_counter(), done
+            if writer is not None:
+                for k, v in metrics.items():
+                    if k != "step":
+                        writer.add_scalar(k, v, done)
+                writer.flush()
+        if save and rank == 0:
+            with tempfile.TemporaryDirectory() as folder:
+                save_checkpoint(folder, unwrap(primary), unwrap(secondary), optims, done, sampler.state_dict(),
+                                rngs, cfg.to_dict(), config["fingerprint"])
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
+        else:
+            ray.train.report(metrics)
+    if writer is not None:
+        writer.close()
