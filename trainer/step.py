@@ -27,7 +27,9 @@ from .config import TrainConfig
 def build_models(cfg: TrainConfig) -> tuple[InterposerModel, InterposerModel]:
     """(primary src->dst, secondary dst->src), initialised as in v4.0 from cfg.seed."""
     g = torch.Generator().manual_seed(cfg.seed)
-    primary, secondary = InterposerModel(**cfg.model_args()), InterposerModel(**cfg.model_args(reverse=True))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)  # conv biases keep torch's default init, drawn from the global RNG
+        primary, secondary = InterposerModel(**cfg.model_args()), InterposerModel(**cfg.model_args(reverse=True))
     primary.init_weights(g)
     secondary.init_weights(g)
     return primary, secondary

@@ -74,3 +74,12 @@ def test_decoded_loss_reaches_the_primary_through_a_frozen_decoder(vaes):
     assert all(p.grad is None for p in vae.parameters())  # the decoder stays frozen
     skipped = compute_losses(cfg, primary, secondary, src, dst, decoder=lambda z: vae.decode(z).sample, step=1)
     assert "decoded" not in skipped.parts  # every decoded_every steps only
+
+
+def test_models_are_a_function_of_the_seed():
+    a, _ = build_models(_cfg(seed=3))
+    torch.manual_seed(12345)  # whatever the global RNG holds
+    b, _ = build_models(_cfg(seed=3))
+    c, _ = build_models(_cfg(seed=4))
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    assert not torch.equal(a.tail.bias, c.tail.bias)

@@ -1,0 +1,153 @@
+"""Ray Train on a real local Ray session: 2 CPU workers (gloo), a dataset built by the pipeline."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from interposer import convert, load_interposer
+from pipeline.build import BuildConfig, build
+from trainer.config import TrainConfig
+from trainer.driver import RunSpec, train
+
+TINY = dict(src="xl", dst="v1", ch_mid=8, blocks=1, batch=8, crop=4, steps=60, fconst=40, checkpoint_every=10,
+            eval_every=30, log_every=30, val_fraction=0.2, workers=2, b_loss_weight=1.0, r_loss_weight=1.4,
+            max_failures=3)
+
+
+@pytest.fixture(scope="module")
+def dataset(ray_session, photos, vaes, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("train-data") / "xl-v1"
+    build(BuildConfig(images=[str(photos)], spaces=[f"v1={vaes['v1']}", f"xl={vaes['xl']}"], out=str(out),
+                      tile_size=64, max_tiles=6, min_size=64, shard_size=2, quiet=True))
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(dataset, tmp_path_factory) -> Path:
+    """An uninterrupted run: what every interrupted run must end equal to."""
+    runs = tmp_path_factory.mktemp("runs")
+    train(TrainConfig(**TINY), RunSpec(str(dataset), str(runs), "ref"))
+    return runs / "ref"
+
+
+def _final(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "export" / "model.safetensors"))
+
+
+def _assert_same(a: Path, b: Path) -> None:
+    wa, wb = _final(a), _final(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def test_run_exports_a_loadable_interposer_and_a_rerun_does_nothing(reference, dataset, capsys):
+    assert sorted(p.name for p in (reference / "export").iterdir()) == ["config.json", "model.safetensors"]
+    model = load_interposer(str(reference / "export"))
+    assert (model.src, model.dst, model.ch_mid, model.blocks) == ("xl", "v1", 8, 1)
+    x = torch.randn(1, 4, 8, 8)
+    y = convert(x, "xl", "v1", weights=reference / "export")
+    with torch.no_grad():
+        torch.testing.assert_close(y, model(x), atol=1e-5, rtol=1e-5)  # convert() runs channels-last
+    assert (reference / "tensorboard").is_dir() and any((reference / "tensorboard").iterdir())
+    before = _final(reference)
+    train(TrainConfig(**TINY), RunSpec(str(dataset), str(reference.parent), "ref"))
+    assert "already finished at step 60; nothing to do" in capsys.readouterr().out
+    assert all(torch.equal(before[k], v) for k, v in _final(reference).items())
+
+
+def test_v4_architecture_also_exports_the_released_layout(dataset, tmp_path):
+    cfg = TrainConfig(**(TINY | dict(ch_mid=64, blocks=12, steps=2, checkpoint_every=2, workers=1,
+                                      b_loss_weight=0.0, r_loss_weight=0.0)))
+    export = train(cfg, RunSpec(str(dataset), str(tmp_path), "v4", rev="v5.0"))
+    released = export / "xl-to-v1_interposer-v5.0.safetensors"
+    assert released.is_file()
+    x = torch.randn(2, 4, 8, 8)
+    assert torch.equal(convert(x, "xl", "v1", weights=released), convert(x, "xl", "v1", weights=export))
+
+
+def test_resume_with_other_settings_is_refused(reference, dataset, vaes, tmp_path):
+    with pytest.raises(ValueError, match=r"exists with different settings \(lr: the run has 0.0005, you asked 0.001\)"):
+        train(TrainConfig(**(TINY | dict(lr=1e-3))), RunSpec(str(dataset), str(reference.parent), "ref"))
+    other = tmp_path / "other-data"
+    build(BuildConfig(images=[str(Path(json.loads((dataset / "manifest.json").read_text())["sources"][0]))],
+                      spaces=[f"v1={vaes['v1']}", f"xl={vaes['xl']}"], out=str(other), tile_size=64, max_tiles=3,
+                      min_size=64, shard_size=2, quiet=True))
+    with pytest.raises(ValueError, match=r"--data: the run was trained on .*xl-v1"):
+        train(TrainConfig(**TINY), RunSpec(str(other), str(reference.parent), "ref"))
+
+
+def _train_workers() -> list[int]:
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in out.splitlines() if "RayTrainWorker" in line]
+
+
+def _checkpoint_steps(run: Path) -> list[int]:
+    steps = []
+    for ck in run.glob("checkpoint_*"):
+        if (ck / "config.json").is_file() and (ck / "state.pt").is_file():
+            steps.append(int(torch.load(ck / "state.pt", weights_only=True)["step"]))
+    return sorted(steps)
+
+
+def _start_driver(dataset: Path, runs: Path, name: str, ray_session) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "trainer", "train", "--data", str(dataset), "--src", "xl", "--dst", "v1",
+           "--out", str(runs), "--name", name, "--config", str(runs / "tiny.yaml")]
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    log = open(runs / f"{name}.log", "w")  # noqa: SIM115  (closed with the process)
+    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _wait_for_checkpoint(run: Path, proc: subprocess.Popen, timeout: float = 180) -> list[int]:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        steps = _checkpoint_steps(run) if run.is_dir() else []
+        if steps:
+            return steps
+        time.sleep(0.02)
+    raise AssertionError(f"no checkpoint appeared (exit code {proc.poll()})")
+
+
+def _write_tiny_yaml(runs: Path) -> None:
+    import yaml
+
+    runs.mkdir(parents=True, exist_ok=True)
+    (runs / "tiny.yaml").write_text(yaml.safe_dump({k: v for k, v in TINY.items() if k not in ("src", "dst")}))
+
+
+def test_worker_killed_mid_run_resumes_bit_exactly(reference, dataset, ray_session, tmp_path):
+    runs = tmp_path / "runs"
+    _write_tiny_yaml(runs)
+    proc = _start_driver(dataset, runs, "killed-worker", ray_session)
+    steps = _wait_for_checkpoint(runs / "killed-worker", proc)
+    workers = _train_workers()
+    assert workers, "no Ray Train worker process found"
+    os.kill(workers[-1], signal.SIGKILL)
+    assert max(steps) < TINY["steps"], "the kill should land mid-run"
+    assert proc.wait(timeout=300) == 0  # Ray Train replaced the worker and went on from the checkpoint
+    assert "[train] resuming from step" in (runs / "killed-worker.log").read_text()
+    _assert_same(runs / "killed-worker", reference)
+
+
+def test_driver_killed_mid_run_then_rerun_resumes_bit_exactly(reference, dataset, ray_session, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    _write_tiny_yaml(runs)
+    proc = _start_driver(dataset, runs, "killed-driver", ray_session)
+    steps = _wait_for_checkpoint(runs / "killed-driver", proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert max(steps) < TINY["steps"], "the kill should land mid-run"
+    assert not (runs / "killed-driver" / "export").exists()
+    time.sleep(2)  # let Ray reap the dead job's workers
+    cfg = TrainConfig(**TINY)
+    train(cfg, RunSpec(str(dataset), str(runs), "killed-driver"))
+    assert "(resuming)" in capsys.readouterr().out
+    _assert_same(runs / "killed-driver", reference)
