@@ -24,6 +24,7 @@ test: venv
 bench: venv
 	$(PY) bench/convert.py
 	$(PY) bench/encode.py
+	$(PY) bench/train.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -51,6 +51,8 @@ class TrainConfig:
     num_to_keep: int = 3  # checkpoints kept
     workers: int = 1  # Ray Train workers (DDP ranks)
     gpu: bool = False  # one GPU per worker; bf16 autocast
+    cpus_per_worker: int = 0  # CPUs (and torch threads) per worker; 0 = all of the cluster's CPUs / workers
+    #                           without GPUs, 1 with them
     max_failures: int = 3  # worker failures Ray Train recovers from by itself
     layout: Literal["raw"] = "raw"  # the networks map raw VAE latents
 
@@ -64,8 +66,8 @@ class TrainConfig:
         for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if self.blocks < 0 or self.fconst < 0:
-            raise ValueError("blocks and fconst must not be negative")
+        if self.blocks < 0 or self.fconst < 0 or self.cpus_per_worker < 0:
+            raise ValueError("blocks, fconst and cpus_per_worker must not be negative")
         if self.batch % self.workers:
             raise ValueError(f"batch {self.batch} must divide evenly over {self.workers} workers")
         for name in ("p", "b", "r", "h", "dc", "decoded"):

@@ -31,7 +31,7 @@ RUN_RECORD = "interposer-run.json"
 EXPORT = "export"
 # settings that do not change what is computed: a resume may change them
 _FREE = ("max_failures", "log_every", "checkpoint_every", "eval_every", "eval_tiles", "num_to_keep",
-         "preemption_check_every")
+         "preemption_check_every", "cpus_per_worker")
 
 
 def pair_fingerprint(manifest, src: str, dst: str) -> str:
@@ -119,11 +119,12 @@ def train(cfg: TrainConfig, spec: RunSpec) -> Path | str:
         started = True
     try:
         storage = os.path.abspath(os.path.expanduser(spec.out)) if _local(spec.out) else spec.out
+        cpus = cfg.cpus_per_worker or (1 if cfg.gpu else max(1, int(ray.cluster_resources().get("CPU", 1)) // cfg.workers))
         trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config=dict(cfg=cfg.to_dict(), data=spec.data, fingerprint=fingerprint,
+            train_loop_config=dict(cfg=cfg.to_dict(), data=spec.data, fingerprint=fingerprint, threads=cpus,
                                    tensorboard=f"{_run_dir(spec)}/tensorboard" if _local(spec.out) else None),
-            scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu),
+            scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu, resources_per_worker={"CPU": cpus}),
             run_config=RunConfig(name=spec.name, storage_path=storage,
                                  failure_config=FailureConfig(max_failures=cfg.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep)),

@@ -39,6 +39,7 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if cfg.gpu else torch.device("cpu")
+    torch.set_num_threads(config.get("threads", 1))
 
     train_data = load_pair(config["data"], cfg.src, cfg.dst, "train", cfg.val_fraction)
     sampler = CropSampler(train_data, cfg.src, cfg.dst, cfg.crop, cfg.batch, cfg.seed, rank, world)

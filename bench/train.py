@@ -1,0 +1,116 @@
+"""Samples/s through Ray Train (1 worker) vs a bare single-process loop of the same step and batch.
+
+    python bench/train.py                     # v4 network (64 wide, 12 blocks), batch 32 of 32x32 crops, CPU
+    python bench/train.py --batch 128 --steps 40
+
+Both run trainer.step.train_step on the same sampler, batch and torch threads. Ray Train's figure is the
+difference of two runs (N and 2N steps), so start-up (actors, data loading, checkpointing the last step)
+cancels out; the bare loop times N steps after a warm-up step. The dataset is written directly in the
+pipeline's format with random latents (training speed does not depend on what the latents hold).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.schema import (  # noqa: E402
+    IMAGES_SCHEMA, TILES_SCHEMA, Manifest, SpaceEntry, images_path, latent_table, latents_path, tiles_path,
+)  # fmt: skip
+from pipeline.store import Store  # noqa: E402
+from trainer.config import TrainConfig  # noqa: E402
+from trainer.data import CropSampler, load_pair  # noqa: E402
+from trainer.driver import RunSpec, train  # noqa: E402
+from trainer.step import build_models, build_optim, train_step  # noqa: E402
+
+
+def synthetic_dataset(folder: Path, tiles: int, side: int) -> None:
+    """A complete dataset (xl and v1, `tiles` tiles of side x side latents) with random latents."""
+    store, rng = Store(folder), np.random.default_rng(0)
+    keys = [f"{i:064x}-00" for i in range(tiles)]
+    store.write_table(tiles_path(0), pa.Table.from_pylist(
+        [dict(tile_key=k, image_id=k[:64], uri=f"img{i}", tile_index=0, box=[0, 0, side * 8, side * 8])
+         for i, k in enumerate(keys)], schema=TILES_SCHEMA))
+    store.write_table(images_path(0), pa.Table.from_pylist(
+        [dict(image_id=k[:64], uri=f"img{i}", width=side * 8, height=side * 8, resized_width=side * 8,
+              resized_height=side * 8, tiles=1, nonfinite=0, status="ok") for i, k in enumerate(keys)],
+        schema=IMAGES_SCHEMA))
+    spaces = {}
+    for code in ("xl", "v1"):
+        lat = rng.standard_normal((tiles, 4, side, side)).astype(np.float16)
+        store.write_table(latents_path(code, 0), latent_table(keys, lat, None, (4, side, side)))
+        spaces[code] = SpaceEntry(vae="synthetic", subfolder=None, vae_class="AutoencoderKL", dtype="float32",
+                                  fingerprint=f"sha256:{code}", channels=4, factor=8, latent_shape=[4, side, side],
+                                  tiles=tiles)
+    manifest = Manifest(tile_size=side * 8, max_tiles=1, min_size=1, max_pixels=1 << 28, shard_size=tiles,
+                        sources=["synthetic"], spaces=spaces, shards=1, complete=True,
+                        counts=dict(listed=tiles, unique_images=tiles, images_ok=tiles, tiles=tiles, skipped={}))
+    store.write_bytes("manifest.json", manifest.to_json().encode())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=32, help="batch of crops (default 32)")
+    parser.add_argument("--crop", type=int, default=32, help="crop side in latent pixels (default 32)")
+    parser.add_argument("--steps", type=int, default=20, help="N: timed steps (default 20)")
+    args = parser.parse_args()
+    import ray
+
+    work = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    try:
+        data = work / "data"
+        synthetic_dataset(data, tiles=256, side=64)
+        cpus = os.cpu_count() or 1
+        base = dict(src="xl", dst="v1", batch=args.batch, crop=args.crop, fconst=10**9, val_fraction=0.0,
+                    eval_every=10**9, log_every=10**9, workers=1, cpus_per_worker=cpus)
+
+        # the bare loop: the same step function, sampler and batch, in this process
+        torch.set_num_threads(cpus)
+        cfg = TrainConfig(**base, steps=args.steps, checkpoint_every=args.steps)
+        pair = load_pair(str(data), "xl", "v1", "train", 0.0)
+        sampler = CropSampler(pair, "xl", "v1", cfg.crop, cfg.batch, cfg.seed, 0, 1)
+        primary, secondary = build_models(cfg)
+        optims = [build_optim(cfg, primary)]
+        device = torch.device("cpu")
+        train_step(cfg, primary, secondary, optims, *sampler.next(), device)  # warm-up
+        start = time.perf_counter()
+        for step in range(args.steps):
+            train_step(cfg, primary, secondary, optims, *sampler.next(), device, step=step)
+        bare = args.steps * args.batch / (time.perf_counter() - start)
+
+        # Ray Train, 1 worker: two runs, N and 2N steps; their difference is N steps of steady training
+        ray.init(include_dashboard=False, logging_level="warning", log_to_driver=False)
+        walls = {}
+        for n in (args.steps, 2 * args.steps):
+            cfg = TrainConfig(**base, steps=n, checkpoint_every=n)
+            start = time.perf_counter()
+            train(cfg, RunSpec(str(data), str(work / "runs"), f"n{n}"))
+            walls[n] = time.perf_counter() - start
+        ray.shutdown()
+        steady = args.steps * args.batch / (walls[2 * args.steps] - walls[args.steps])
+
+        print(f"machine     {platform.machine()}, {cpus} CPU cores, torch {torch.__version__}, ray {ray.__version__}")
+        print(f"workload    v4 network xl->v1 (p loss), batch {args.batch} of {args.crop}x{args.crop} crops, fp32 CPU, "
+              f"{cpus} threads")
+        print(f"bare loop   {bare:8.1f} samples/s")
+        print(f"Ray Train   {steady:8.1f} samples/s   (1 worker; {walls[args.steps]:.1f} s for {args.steps} steps, "
+              f"{walls[2 * args.steps]:.1f} s for {2 * args.steps}, start-up included in both)")
+        print(f"ratio       {steady / bare:8.3f}   (goal >= 0.95)")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
