@@ -140,7 +140,9 @@ def train(cfg: TrainConfig, spec: RunSpec) -> Path | str:
         store.write_bytes(RUN_RECORD, json.dumps(dict(config=cfg.to_dict(), data=spec.data,
                                                       dataset_fingerprint=fingerprint, finished=int(state["step"])),
                                                  indent=2).encode())
-        print(f"[train] done: step {state['step']} in {time.perf_counter() - start:.1f} s; export: {export}")
+        resumed = int((result.metrics or {}).get("resumed_from", 0))
+        print(f"[train] done: step {state['step']} in {time.perf_counter() - start:.1f} s"
+              + (f" (resumed from step {resumed})" if resumed else "") + f"; export: {export}")
         return Path(export) if _local(spec.out) else export
     finally:
         if started:

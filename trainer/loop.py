@@ -97,7 +97,7 @@ def train_loop_per_worker(config: dict) -> None:
             t = torch.tensor([metrics[k] for k in sorted(metrics)], dtype=torch.float64)
             dist.all_reduce(t)
             metrics = {k: v / world for k, v in zip(sorted(metrics), t.tolist())}
-        metrics.update(step=done, lr=optims["primary"][1].get_last_lr()[0])
+        metrics.update(step=done, lr=optims["primary"][1].get_last_lr()[0], resumed_from=start)
         if evaluate and rank == 0:
             metrics["val_l1"] = validation_l1(unwrap(primary), val.src[: cfg.eval_tiles], val.dst[: cfg.eval_tiles],
                                               device)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -90,12 +91,14 @@ def _train_workers() -> list[int]:
     return [int(line.split()[0]) for line in out.splitlines() if "RayTrainWorker" in line]
 
 
-def _checkpoint_steps(run: Path) -> list[int]:
-    steps = []
-    for ck in run.glob("checkpoint_*"):
-        if (ck / "config.json").is_file() and (ck / "state.pt").is_file():
-            steps.append(int(torch.load(ck / "state.pt", weights_only=True)["step"]))
-    return sorted(steps)
+def _registered_steps(run: Path) -> list[int]:
+    """Steps of the checkpoints Ray Train has registered (written *and* recorded in its snapshot): only
+    those are resumed from, so a kill must come after one."""
+    try:
+        snapshot = json.loads((run / "checkpoint_manager_snapshot.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return []
+    return sorted(int(r["metrics"]["step"]) for r in snapshot["checkpoint_results"])
 
 
 def _start_driver(dataset: Path, runs: Path, name: str, ray_session) -> subprocess.Popen:
@@ -109,7 +112,7 @@ def _start_driver(dataset: Path, runs: Path, name: str, ray_session) -> subproce
 def _wait_for_checkpoint(run: Path, proc: subprocess.Popen, timeout: float = 180) -> list[int]:
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
-        steps = _checkpoint_steps(run) if run.is_dir() else []
+        steps = _registered_steps(run)
         if steps:
             return steps
         time.sleep(0.02)
@@ -133,7 +136,9 @@ def test_worker_killed_mid_run_resumes_bit_exactly(reference, dataset, ray_sessi
     os.kill(workers[-1], signal.SIGKILL)
     assert max(steps) < TINY["steps"], "the kill should land mid-run"
     assert proc.wait(timeout=300) == 0  # Ray Train replaced the worker and went on from the checkpoint
-    assert "[train] resuming from step" in (runs / "killed-worker.log").read_text()
+    log = (runs / "killed-worker.log").read_text()
+    resumed = re.search(r"\[train\] resuming from step (\d+)", log)
+    assert resumed and int(resumed.group(1)) >= max(steps), log[-2000:]
     _assert_same(runs / "killed-worker", reference)
 
 
@@ -149,5 +154,7 @@ def test_driver_killed_mid_run_then_rerun_resumes_bit_exactly(reference, dataset
     time.sleep(2)  # let Ray reap the dead job's workers
     cfg = TrainConfig(**TINY)
     train(cfg, RunSpec(str(dataset), str(runs), "killed-driver"))
-    assert "(resuming)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    resumed = re.search(r"resumed from step (\d+)", out)
+    assert "(resuming)" in out and resumed and int(resumed.group(1)) >= max(steps), out
     _assert_same(runs / "killed-driver", reference)
