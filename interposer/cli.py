@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 import time
 from pathlib import Path
 
@@ -157,6 +158,7 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
     from .weights import WeightsNotFoundError
 
     args = parser.parse_args(argv)  # argparse itself exits 2 with one line on a bad flag
+    warnings.formatwarning = lambda message, *_a, **_k: f"{parser.prog}: warning: {message}\n"
     try:
         return args.func(args)
     except (UsageError, ValueError, TypeError, FileNotFoundError, PermissionError, WeightsNotFoundError) as e:

@@ -158,3 +158,27 @@ def test_driver_killed_mid_run_then_rerun_resumes_bit_exactly(reference, dataset
     resumed = re.search(r"resumed from step (\d+)", out)
     assert "(resuming)" in out and resumed and int(resumed.group(1)) >= max(steps), out
     _assert_same(runs / "killed-driver", reference)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--src", "xl", "--dst", "v9"], "unknown latent space 'v9'"),
+    (["--src", "xl", "--dst", "wan"], "has no wan latents; it has v1, xl"),
+    (["--src", "xl", "--dst", "v1", "--config", "BADYAML"], "not valid YAML"),
+    (["--src", "xl", "--dst", "v1", "--config", "UNKNOWNKEY"], "unknown key(s) stepz"),
+    (["--src", "xl", "--dst", "v1", "--batch", "7", "--workers", "2"], "batch 7 must divide evenly over 2 workers"),
+])  # fmt: skip
+def test_cli_mistakes_exit_2_and_write_nothing(argv, message, dataset, tmp_path):
+    from helpers import run
+
+    (tmp_path / "bad.yaml").write_text("steps: [1\n")
+    (tmp_path / "unknown.yaml").write_text("stepz: 1\n")
+    argv = [a.replace("BADYAML", str(tmp_path / "bad.yaml")).replace("UNKNOWNKEY", str(tmp_path / "unknown.yaml"))
+            for a in argv]
+    result = run("-m", "interposer", "train", "--data", str(dataset), "--out", str(tmp_path / "runs"),
+                 "--name", "x", *argv, env={"RAY_ADDRESS": ""})
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
+    assert not (tmp_path / "runs").exists()
+    missing = run("-m", "interposer", "train", "--data", str(tmp_path / "nodata"), "--src", "xl", "--dst", "v1",
+                  "--out", str(tmp_path / "runs"), "--name", "x")
+    assert missing.returncode == 2 and "no manifest.json" in missing.stderr
