@@ -95,6 +95,15 @@ def encode_raw(vae, space: LatentSpace, pixels: torch.Tensor, latent: str = "mea
     return mean, std
 
 
+@torch.inference_mode()
+def decode_raw(vae, space: LatentSpace, latents: torch.Tensor) -> torch.Tensor:
+    """raw latents (B, C, h, w) -> images (B, 3, h*f, w*f) in [-1, 1], float32."""
+    z = latents.to(vae.device, vae.dtype)
+    if _is_video_vae(space):
+        return vae.decode(z.unsqueeze(2)).sample.squeeze(2).float()
+    return vae.decode(z).sample.float()
+
+
 def tile_seed(key: str) -> int:
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") & ((1 << 63) - 1)
 

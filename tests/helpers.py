@@ -19,3 +19,9 @@ def run(*args: str, env: dict | None = None, cwd: Path | None = None) -> subproc
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=full_env, cwd=cwd,
                           timeout=300)
+
+
+# A tiny training recipe for tests: 2 CPU workers, 60 steps, checkpoints every 10, both v1->xl-style losses.
+TINY_TRAIN = dict(src="xl", dst="v1", ch_mid=8, blocks=1, batch=8, crop=4, steps=60, fconst=40, checkpoint_every=10,
+                  eval_every=30, log_every=30, val_fraction=0.2, workers=2, b_loss_weight=1.0, r_loss_weight=1.4,
+                  max_failures=3)

@@ -1,4 +1,4 @@
-"""`interposer train` (and `python -m trainer`): train an interposer for a pair of spaces in a dataset.
+"""`interposer train|eval|publish` (and `python -m trainer ...`): train, evaluate and publish interposers.
 
     interposer train --data data/xl-v1 --src xl --dst v1 --out runs --name xl-v1 --steps 2000 --batch 32
     interposer train --data data/v1-xl --src v1 --dst xl --config v1-to-xl.yaml --out runs --name v1-xl
@@ -47,6 +47,77 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _add_eval(sub) -> None:
+    p = sub.add_parser(
+        "eval", help="measure an interposer against the VAE round trip and a linear baseline",
+        description="Evaluate an interposer on a dataset split against the VAE round trip it replaces, a "
+        "least-squares per-pixel affine map and (where channels match) the untouched source; prints a table and "
+        "writes eval.json.")
+    p.add_argument("--model", required=True, help="a run folder, an export folder, or a released-layout file "
+                   "(then give --src and --dst)")
+    p.add_argument("--data", required=True, help="dataset folder holding both spaces")
+    p.add_argument("--split", choices=("val", "train", "all"), default="val", help="tiles to evaluate (default val)")
+    p.add_argument("--val-fraction", type=float, default=0.02, help="share of images in val, as in training (0.02)")
+    p.add_argument("--limit", type=int, default=64, help="tiles at most (default 64; 0: all)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--src", default=None, help="source space, for a bare released-layout file")
+    p.add_argument("--dst", default=None, help="target space, for a bare released-layout file")
+    p.add_argument("--vae", action="append", default=[], metavar="CODE=SOURCE",
+                   help="use another VAE for a space than the dataset's manifest names (repeatable)")
+    p.add_argument("--out", default=None, help="where to write eval.json (default: beside the model)")
+    p.set_defaults(func=_cmd_eval)
+
+
+def _cmd_eval(args) -> int:
+    import json
+    from pathlib import Path
+
+    from interposer.spaces import get_space
+
+    from .evaluate import evaluate, format_table
+    from .publish import EVAL_FILE, find_export
+
+    model = Path(args.model)
+    if model.is_dir():
+        model, _ = find_export(model)
+    elif (args.src is None) != (args.dst is None) or (model.is_file() and args.src is None):
+        raise ValueError("--model is a bare weights file: give both --src and --dst")
+    vaes = {}
+    for item in args.vae:
+        code, _, source = item.partition("=")
+        if not source:
+            raise ValueError(f"--vae {item!r}: expected CODE=SOURCE")
+        vaes[get_space(code).code] = source
+    result = evaluate(str(model), args.data, split=args.split, limit=args.limit or None, device=args.device,
+                      val_fraction=args.val_fraction, src=args.src, dst=args.dst, vaes=vaes)
+    print(format_table(result))
+    out = Path(args.out) if args.out else (model / EVAL_FILE if model.is_dir() else Path(EVAL_FILE))
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+def _add_publish(sub) -> None:
+    p = sub.add_parser(
+        "publish", help="push a trained interposer with its model card to the Hugging Face Hub",
+        description="Stage our format, the released layout (v4 architecture), a generated model card and "
+        "eval.json, then create the repo (if needed) and push everything in one commit. The token comes from "
+        "HF_TOKEN or `hf auth login` and is never printed.")
+    p.add_argument("--model", required=True, help="a run folder (with export/) or an export folder")
+    p.add_argument("--repo", required=True, help="Hub repo id, ORG/NAME")
+    p.add_argument("--rev", default="v5.0", help="version in the released-layout path (default v5.0)")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--dry-run", action="store_true", help="list what would be pushed (files, sizes, sha256); send nothing")
+    p.set_defaults(func=_cmd_publish)
+
+
+def _cmd_publish(args) -> int:
+    from .publish import publish
+
+    publish(args.model, args.repo, rev=args.rev, private=args.private, dry_run=args.dry_run)
+    return 0
+
+
 def register(sub) -> None:
     _add_train(sub)
 
@@ -54,4 +125,13 @@ def register(sub) -> None:
 def main(argv: list[str] | None = None) -> int:
     from interposer.cli import run_parser
 
-    return run_parser("python -m trainer", "Train interposers with Ray Train.", [_add_train], argv)
+    return run_parser("python -m trainer", "Train, evaluate and publish interposers.",
+                      [_add_train, _add_eval, _add_publish], argv)
+
+
+def register_eval(sub) -> None:
+    _add_eval(sub)
+
+
+def register_publish(sub) -> None:
+    _add_publish(sub)

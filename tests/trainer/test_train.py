@@ -18,25 +18,7 @@ from pipeline.build import BuildConfig, build
 from trainer.config import TrainConfig
 from trainer.driver import RunSpec, train
 
-TINY = dict(src="xl", dst="v1", ch_mid=8, blocks=1, batch=8, crop=4, steps=60, fconst=40, checkpoint_every=10,
-            eval_every=30, log_every=30, val_fraction=0.2, workers=2, b_loss_weight=1.0, r_loss_weight=1.4,
-            max_failures=3)
-
-
-@pytest.fixture(scope="module")
-def dataset(ray_session, photos, vaes, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("train-data") / "xl-v1"
-    build(BuildConfig(images=[str(photos)], spaces=[f"v1={vaes['v1']}", f"xl={vaes['xl']}"], out=str(out),
-                      tile_size=64, max_tiles=6, min_size=64, shard_size=2, quiet=True))
-    return out
-
-
-@pytest.fixture(scope="module")
-def reference(dataset, tmp_path_factory) -> Path:
-    """An uninterrupted run: what every interrupted run must end equal to."""
-    runs = tmp_path_factory.mktemp("runs")
-    train(TrainConfig(**TINY), RunSpec(str(dataset), str(runs), "ref"))
-    return runs / "ref"
+from helpers import TINY_TRAIN as TINY
 
 
 def _final(run: Path) -> dict[str, torch.Tensor]:

@@ -1,0 +1,137 @@
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fakehub import FakeHub
+from helpers import run
+from interposer import InterposerModel, save_interposer
+from trainer.evaluate import apply_linear, evaluate, fit_linear, image_metrics, mean_delta_e
+from trainer.publish import publish, stage
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_linear_baseline_is_exact_on_affine_data(scale):
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(16, 4, generator=g), torch.randn(16, generator=g)
+    src = torch.randn(6, 4, 8, 8, generator=g)
+    dst = apply_linear(w, b, src, scale)  # (6, 16, 8*scale, 8*scale): truly affine per pixel
+    w_fit, b_fit = fit_linear(src, dst, scale)
+    torch.testing.assert_close(w_fit, w, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(b_fit, b, atol=1e-4, rtol=1e-4)
+    assert (apply_linear(w_fit, b_fit, src, scale) - dst).abs().max() < 1e-4
+
+
+def test_metrics_agree_with_the_library_on_known_images():
+    from skimage.metrics import structural_similarity
+
+    rng = np.random.default_rng(0)
+    ref = rng.random((32, 32, 3))
+    noisy = np.clip(ref + rng.normal(0, 0.05, ref.shape), 0, 1)
+    psnr, ssim = image_metrics(noisy, ref)
+    assert psnr == pytest.approx(10 * np.log10(1.0 / np.mean((noisy - ref) ** 2)), rel=1e-9)
+    assert ssim == pytest.approx(structural_similarity(ref, noisy, data_range=1.0, channel_axis=2), rel=1e-9)
+    assert mean_delta_e(ref, ref) == pytest.approx(0.0, abs=1e-9)
+    grey = np.full((8, 8, 3), 0.5)
+    redder = grey.copy()
+    redder[..., 0] = 0.6
+    assert mean_delta_e(redder, grey) > 3  # a visible colour shift
+
+
+def test_eval_rows_and_eval_json(reference, dataset, tmp_path):
+    result = evaluate(str(reference / "export"), str(dataset), split="all", limit=6)
+    assert [r["method"] for r in result["rows"]] == ["interposer", "round trip", "linear", "identity"]
+    assert result["tiles"] == 6 and (result["src"], result["dst"]) == ("xl", "v1")
+    for r in result["rows"]:
+        assert r["latent_l1"] > 0 and r["ms_per_latent"] > 0 and 0 < r["psnr_tile"] < 100
+    out = tmp_path / "eval.json"
+    cli = run("-m", "interposer", "eval", "--model", str(reference), "--data", str(dataset), "--split", "all",
+              "--limit", "4", "--out", str(out))
+    assert cli.returncode == 0, cli.stderr
+    assert "round trip" in cli.stdout and "linear" in cli.stdout
+    assert json.loads(out.read_text())["tiles"] == 4
+
+
+@pytest.fixture
+def v4_run(tmp_path, dataset):
+    """A run folder as `interposer train` leaves it, for the v4 architecture, with an eval.json."""
+    torch.manual_seed(0)
+    run_dir = tmp_path / "runs" / "xl-v1"
+    save_interposer(InterposerModel().eval(), run_dir / "export", "xl", "v1", version="v5.0")
+    (run_dir / "interposer-run.json").write_text(json.dumps(dict(config={"steps": 123, "lr": 5e-4},
+                                                                 data=str(dataset), finished=123)))
+    rows = [dict(method=m, latent_l1=0.1 * i, latent_mse=0.2, psnr_tile=25.0, ssim_tile=0.8, psnr_target=30.0,
+                 ssim_target=0.9, delta_e=1.5, ms_per_latent=0.5) for i, m in enumerate(["interposer", "linear"], 1)]
+    (run_dir / "export" / "eval.json").write_text(json.dumps(dict(rows=rows, tiles=6, split="val", tile_size=64,
+                                                                  device="cpu")))
+    return run_dir
+
+
+def test_staging_folder_holds_exactly_what_is_pushed(v4_run, tmp_path):
+    folder = tmp_path / "stage"
+    files = stage(v4_run, "me/xl-to-v1", "v5.0", folder)
+    assert [str(f) for f in files] == ["README.md", "config.json", "eval.json", "model.safetensors",
+                                       "v5.0/xl-to-v1_interposer-v5.0.safetensors"]
+    assert load_file(str(folder / "v5.0/xl-to-v1_interposer-v5.0.safetensors")).keys() == \
+        load_file(str(folder / "model.safetensors")).keys()
+    card = (folder / "README.md").read_text()
+    import yaml
+
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta["license"] == "apache-2.0" and meta["library_name"] == "latent-interposer"
+    assert {"latent-space-xl", "latent-space-v1"} <= set(meta["tags"])
+    assert "| interposer | 0.1000 | 0.2000 | 25.00 | 0.8000 | 30.00 | 0.9000 | 1.50 | 0.50 |" in card
+    assert "| linear | 0.2000 |" in card
+    assert '"steps": 123' in card and "tiles of 64 px" in card and "sha256:" in card
+
+
+def test_publish_one_commit_to_a_loopback_hub_and_load_it_back(v4_run, monkeypatch, capsys, tmp_path):
+    from huggingface_hub import constants
+
+    token = "hf_test_secret_do_not_print"
+    monkeypatch.setenv("HF_TOKEN", token)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # for this test only; the endpoint is loopback
+    with FakeHub() as hub:
+        publish(v4_run, "me/xl-to-v1", rev="v5.0", endpoint=hub.endpoint)
+        assert len(hub.commits) == 1
+        assert hub.commits[0]["files"] == ["README.md", "config.json", "eval.json", "model.safetensors",
+                                           "v5.0/xl-to-v1_interposer-v5.0.safetensors"]
+        assert any(h.get("authorization") == f"Bearer {token}" for m, p, h in hub.requests if "commit" in p)
+        out = capsys.readouterr()
+        assert token not in out.out + out.err
+        # the real client, in a fresh process pointed at the loopback Hub, reads what was pushed
+        env = {"HF_ENDPOINT": hub.endpoint, "HF_HUB_OFFLINE": "0", "HF_HUB_CACHE": str(tmp_path / "cache"),
+               "HF_HUB_DISABLE_XET": "1"}
+        code = ("import torch; from interposer import load_interposer; from safetensors.torch import load_file; "
+                f"m = load_interposer('me/xl-to-v1'); w = load_file({str(v4_run / 'export' / 'model.safetensors')!r}); "
+                "print(m.src, m.dst, m.version, all(torch.equal(v, m.state_dict()[k]) for k, v in w.items()))")
+        result = run("-c", code, env=env)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.split() == ["xl", "v1", "v5.0", "True"]
+
+
+def test_no_token_stops_before_anything_is_sent(v4_run, monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-tokens"))
+    with FakeHub() as hub:
+        with pytest.raises(PermissionError, match="no Hugging Face token: set HF_TOKEN"):
+            publish(v4_run, "me/xl-to-v1", endpoint=hub.endpoint)
+        assert hub.requests == []
+
+
+def test_dry_run_lists_files_and_sends_nothing(v4_run):
+    result = run("-m", "interposer", "publish", "--model", str(v4_run), "--repo", "me/xl-to-v1", "--dry-run",
+                 env={"HF_TOKEN": ""})
+    assert result.returncode == 0, result.stderr
+    assert "would push to me/xl-to-v1" in result.stdout and "v5.0/xl-to-v1_interposer-v5.0.safetensors" in result.stdout
+    assert "sha256" in result.stdout
+    bad = run("-m", "interposer", "publish", "--model", str(v4_run), "--repo", "not-a-repo", "--dry-run")
+    assert bad.returncode == 2 and "expected ORG/NAME" in bad.stderr

@@ -1,0 +1,197 @@
+"""`interposer eval`: measure an interposer against what it replaces, on a dataset split.
+
+    interposer eval --model runs/xl-v1 --data data/xl-v1 --split val --limit 64
+    interposer eval --model xl-to-v1_interposer-v4.0.safetensors --src xl --dst v1 --data data/xl-v1
+
+Rows: the interposer; the VAE round trip (decode with the source VAE, encode with the target VAE); a
+per-pixel affine map (1x1 conv) fitted by least squares on the train split; the untouched source latent
+where channel counts match. Columns: latent L1 / MSE against the target latent; PSNR and SSIM of the
+decoded result against the original tile and against the decoded target latent; colour shift as CIEDE2000
+between image means (CIELAB); milliseconds per latent. Metrics come from scikit-image.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from interposer import load_interposer
+from interposer.spaces import get_space, pair_scale
+from interposer.vae import load_vae
+
+METHODS = ("interposer", "round trip", "linear", "identity")
+
+
+def resample(src: torch.Tensor, scale: float) -> torch.Tensor:
+    return src if scale == 1.0 else F.interpolate(src, scale_factor=scale, mode="nearest")
+
+
+def fit_linear(src: torch.Tensor, dst: torch.Tensor, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least-squares per-pixel affine map: dst[:, o] ~ sum_i W[o, i] src[:, i] + b[o] (a 1x1 conv).
+    src (N, Cs, h, w) is first resampled to dst's grid by `scale`. Returns (W (Cd, Cs), b (Cd,))."""
+    x = resample(src.double(), scale)
+    xs = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])  # (N*h*w, Cs)
+    ys = dst.double().permute(0, 2, 3, 1).reshape(-1, dst.shape[1])  # (N*h*w, Cd)
+    a = torch.cat([xs, torch.ones(len(xs), 1, dtype=xs.dtype)], 1)
+    sol = torch.linalg.lstsq(a, ys).solution  # (Cs+1, Cd)
+    return sol[:-1].T.float().contiguous(), sol[-1].float()
+
+
+def apply_linear(w: torch.Tensor, b: torch.Tensor, src: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    return F.conv2d(resample(src.float(), scale), w[:, :, None, None], b)
+
+
+def image_metrics(pred: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
+    """(PSNR dB, SSIM) of two HxWx3 images in [0, 1] (scikit-image)."""
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    psnr = peak_signal_noise_ratio(ref, pred, data_range=1.0)
+    win = min(7, min(ref.shape[:2]) // 2 * 2 - 1) if min(ref.shape[:2]) < 7 else 7
+    ssim = structural_similarity(ref, pred, data_range=1.0, channel_axis=2, win_size=max(win, 3))
+    return float(psnr), float(ssim)
+
+
+def mean_delta_e(pred: np.ndarray, ref: np.ndarray) -> float:
+    """CIEDE2000 between the two images' mean colours (in CIELAB): the colour/hue shift a viewer sees."""
+    from skimage.color import deltaE_ciede2000, rgb2lab
+
+    lab = lambda im: rgb2lab(im.reshape(-1, 1, 3).mean(axis=0, keepdims=True))  # noqa: E731
+    return float(deltaE_ciede2000(lab(pred), lab(ref))[0, 0])
+
+
+def _to_images(x: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) float64 in [0, 1]."""
+    return ((x.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).double().cpu().numpy()
+
+
+def _tiles(data: str, src: str, dst: str, split: str, val_fraction: float, limit: int | None):
+    """(keys, uris, image ids, tile indices, src latents, dst latents) of a split, in dataset order."""
+    from pipeline.schema import latents_path, read_latents, tiles_path
+    from pipeline.store import Store
+
+    from .data import check_pair, is_validation, read_manifest
+
+    store, manifest = Store(data), read_manifest(data)
+    check_pair(manifest, data, src, dst)
+    rows, a_all, b_all = [], [], []
+    for shard in range(manifest.shards):
+        tiles = store.read_table(tiles_path(shard)).to_pylist()
+        a, b = store.read_table(latents_path(src, shard)), store.read_table(latents_path(dst, shard))
+        pa_, pb = ({k: i for i, k in enumerate(t.column("tile_key").to_pylist())} for t in (a, b))
+        la = read_latents(a) if a.num_rows else None
+        lb = read_latents(b) if b.num_rows else None
+        for t in tiles:
+            if t["tile_key"] not in pa_ or t["tile_key"] not in pb:
+                continue
+            if split != "all" and is_validation(t["image_id"], val_fraction) != (split == "val"):
+                continue
+            rows.append(t)
+            a_all.append(la[pa_[t["tile_key"]]])
+            b_all.append(lb[pb[t["tile_key"]]])
+            if limit and len(rows) >= limit:
+                break
+        if limit and len(rows) >= limit:
+            break
+    if not rows:
+        raise ValueError(f"--data {data}: no {split} tiles with both {src} and {dst} latents "
+                         f"(val is {val_fraction:.0%} of images by id; try --split all)")
+    return rows, torch.from_numpy(np.stack(a_all)).float(), torch.from_numpy(np.stack(b_all)).float(), manifest
+
+
+def evaluate(model: str, data: str, split: str = "val", limit: int | None = 64, device: str = "cpu",
+             val_fraction: float = 0.02, src: str | None = None, dst: str | None = None,
+             vaes: dict[str, str] | None = None, fit_tiles: int = 256, batch: int = 8) -> dict:
+    from tqdm import tqdm
+
+    from pipeline.encoder import decode_raw, encode_raw
+    from pipeline.rows import cut_one
+
+    dev = torch.device(device)
+    path = Path(model)
+    net = load_interposer(str(path)) if src is None else load_interposer(src, dst, weights=path)
+    src, dst = net.src, net.dst
+    s, d = get_space(src), get_space(dst)
+    net = net.to(dev).eval()
+    rows, x, y, manifest = _tiles(data, src, dst, split, val_fraction, limit)
+    _, fx, fy, _ = _tiles(data, src, dst, "train", val_fraction, fit_tiles)
+    scale = pair_scale(src, dst)
+    w, b = fit_linear(fx, fy, scale)
+
+    def vae(code):
+        entry = manifest.spaces[code]
+        source = (vaes or {}).get(code, entry.vae)
+        sub = None if (vaes or {}).get(code) else entry.subfolder
+        return load_vae(get_space(code), source, sub, torch.float32, dev)
+
+    src_vae, dst_vae = vae(src), vae(dst)
+    methods = {
+        "interposer": lambda z: net(z.to(dev)),
+        "round trip": lambda z: encode_raw(dst_vae, d, decode_raw(src_vae, s, z))[0],
+        "linear": lambda z: apply_linear(w.to(dev), b.to(dev), z.to(dev), scale),
+    }
+    if s.channels == d.channels:
+        methods["identity"] = lambda z: resample(z.to(dev), scale)
+
+    acc = {m: dict(l1=0.0, mse=0.0, psnr_tile=[], ssim_tile=[], psnr_target=[], ssim_target=[], de=[], sec=0.0)
+           for m in methods}
+    n_el = 0
+    bar = tqdm(range(0, len(rows), batch), desc="eval", unit="batch", leave=False)
+    with torch.inference_mode():
+        for i in bar:
+            zs, zt = x[i : i + batch], y[i : i + batch].to(dev)
+            originals = []
+            for r in rows[i : i + batch]:
+                cut = cut_one(r["uri"], r["image_id"], manifest.tile_size, manifest.max_tiles, manifest.min_size,
+                              manifest.max_pixels)
+                indices = json.loads(cut["indices"])
+                tiles = np.frombuffer(cut["pixels"], np.uint8).reshape(len(indices), manifest.tile_size,
+                                                                          manifest.tile_size, 3)
+                originals.append(tiles[indices.index(r["tile_index"])].astype(np.float64) / 255.0)
+            target_images = _to_images(decode_raw(dst_vae, d, zt))
+            n_el += zt.numel()
+            for name, fn in methods.items():
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                pred = fn(zs).float()
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                a = acc[name]
+                a["sec"] += time.perf_counter() - start
+                a["l1"] += (pred - zt).abs().sum().item()
+                a["mse"] += ((pred - zt) ** 2).sum().item()
+                images = _to_images(decode_raw(dst_vae, d, pred))
+                for img, orig, tgt in zip(images, originals, target_images):
+                    p1, s1 = image_metrics(img, orig)
+                    p2, s2 = image_metrics(img, tgt)
+                    a["psnr_tile"].append(p1), a["ssim_tile"].append(s1)
+                    a["psnr_target"].append(p2), a["ssim_target"].append(s2)
+                    a["de"].append(mean_delta_e(img, orig))
+    out_rows = []
+    for name, a in acc.items():
+        finite = lambda v: float(np.mean([t for t in v if np.isfinite(t)])) if any(np.isfinite(v)) else None  # noqa: E731
+        out_rows.append(dict(method=name, latent_l1=a["l1"] / n_el, latent_mse=a["mse"] / n_el,
+                             psnr_tile=finite(a["psnr_tile"]), ssim_tile=finite(a["ssim_tile"]),
+                             psnr_target=finite(a["psnr_target"]), ssim_target=finite(a["ssim_target"]),
+                             delta_e=finite(a["de"]), ms_per_latent=1000 * a["sec"] / len(rows)))
+    return dict(model=str(path), src=src, dst=dst, data=data, split=split, tiles=len(rows),
+                tile_size=manifest.tile_size, device=str(dev), linear_fit_tiles=len(fx),
+                vaes={c: manifest.spaces[c].vae for c in (src, dst)}, rows=out_rows)
+
+
+def format_table(result: dict) -> str:
+    head = f"{'method':<12} {'lat L1':>8} {'lat MSE':>8} {'PSNR tile':>9} {'SSIM tile':>9} {'PSNR tgt':>9} " \
+           f"{'SSIM tgt':>8} {'ΔE':>6} {'ms/lat':>8}"
+    lines = [f"{result['src']} -> {result['dst']}: {result['tiles']} {result['split']} tiles of {result['tile_size']} px "
+             f"on {result['device']}", head]
+    fmt = lambda v, f: format(v, f) if v is not None else "-"  # noqa: E731
+    for r in result["rows"]:
+        lines.append(f"{r['method']:<12} {r['latent_l1']:>8.4f} {r['latent_mse']:>8.4f} {fmt(r['psnr_tile'], '9.2f')} "
+                     f"{fmt(r['ssim_tile'], '9.4f')} {fmt(r['psnr_target'], '9.2f')} {fmt(r['ssim_target'], '8.4f')} "
+                     f"{fmt(r['delta_e'], '6.2f')} {r['ms_per_latent']:>8.2f}")
+    return "\n".join(lines)

@@ -1,0 +1,173 @@
+"""`interposer publish`: stage a trained interposer with its model card and eval table, and push it to the
+Hugging Face Hub in one commit.
+
+    interposer publish --model runs/xl-v1 --repo me/xl-to-v1-interposer --dry-run     # what would be pushed
+    interposer publish --model runs/xl-v1 --repo me/xl-to-v1-interposer --rev v5.0    # HF_TOKEN or `hf auth login`
+
+Staged files: our format (model.safetensors + config.json, what `load_interposer("me/...")` reads), the
+released layout `v{rev}/{src}-to-{dst}_interposer-v{rev}.safetensors` for the v4 architecture (so v4.0-style
+loaders find it), README.md (the model card) and eval.json when the model was evaluated. The token is never
+printed; without one the command stops before anything is sent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from interposer import load_interposer, save_released
+from interposer.spaces import get_space
+
+EVAL_FILE = "eval.json"
+
+
+def find_export(model: str | Path) -> tuple[Path, Path | None]:
+    """(the export folder, the run folder or None) for a run folder or an export folder."""
+    path = Path(model).expanduser()
+    if (path / "export" / "config.json").is_file():
+        return path / "export", path
+    if (path / "config.json").is_file():
+        run = path.parent if (path.parent / "interposer-run.json").is_file() else None
+        return path, run
+    raise FileNotFoundError(f"--model {model}: neither a run folder (with export/) nor a model folder "
+                            "(config.json + model.safetensors)")
+
+
+def _eval_table(evaluation: dict) -> str:
+    rows = evaluation.get("rows", [])
+    if not rows:
+        return "_Not evaluated._"
+    cols = [("latent L1", "latent_l1", ".4f"), ("latent MSE", "latent_mse", ".4f"),
+            ("PSNR vs tile (dB)", "psnr_tile", ".2f"), ("SSIM vs tile", "ssim_tile", ".4f"),
+            ("PSNR vs target decode (dB)", "psnr_target", ".2f"), ("SSIM vs target decode", "ssim_target", ".4f"),
+            ("ΔE (CIEDE2000, means)", "delta_e", ".2f"), ("ms / latent", "ms_per_latent", ".2f")]
+    lines = ["| method | " + " | ".join(c[0] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for r in rows:
+        cells = [format(r[k], f) if r.get(k) is not None else "–" for _, k, f in cols]
+        lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + (f"\n\n{evaluation['tiles']} {evaluation['split']} tiles of {evaluation['tile_size']} px, "
+                               f"device {evaluation['device']}." if "tiles" in evaluation else "")
+
+
+def model_card(config: dict, repo: str, rev: str, evaluation: dict | None, run_record: dict | None,
+               manifest: dict | None) -> str:
+    """README.md for the Hub: YAML metadata, what it converts, usage, eval table, training, dataset."""
+    src, dst = config["src"], config["dst"]
+    s, d = get_space(src), get_space(dst)
+    tags = ["latent-interposer", "diffusion", "vae", f"latent-space-{src}", f"latent-space-{dst}"]
+    meta = "\n".join(["---", "license: apache-2.0", "library_name: latent-interposer", "tags:",
+                      *[f"- {t}" for t in tags], "---"])
+    training = "_Not recorded._"
+    if run_record:
+        training = "```json\n" + json.dumps(run_record.get("config", {}), indent=2, sort_keys=True) + "\n```"
+    dataset = "_Not recorded._"
+    if manifest:
+        spaces = "\n".join(f"- `{k}`: {v['vae_class']} `{v['vae']}`" + (f" ({v['subfolder']})" if v.get("subfolder") else "")
+                           + f", {v['dtype']}, weights `{v['fingerprint']}`" for k, v in manifest["spaces"].items())
+        c = manifest.get("counts", {})
+        dataset = (f"{c.get('tiles', '?')} tiles of {manifest['tile_size']} px from {c.get('images_ok', '?')} images; "
+                   f"spaces:\n{spaces}")
+    released = f"{src}-to-{dst}_interposer-{rev}.safetensors"
+    return f"""{meta}
+
+# {s.family} → {d.family} latent interposer ({src} → {dst})
+
+Converts **raw** {s.family} VAE latents `(B, {s.channels}, H/{s.factor}, W/{s.factor})` into raw {d.family} latents
+`(B, {d.channels}, H/{d.factor}, W/{d.factor})` without decoding to pixels: a small CNN
+({config['ch_mid']} wide, {config['blocks']} blocks) instead of a VAE round trip.
+
+## Use
+
+```python
+from interposer import convert, load_interposer
+latents_{dst} = convert(latents_{src}, "{src}", "{dst}", weights=None)   # after: huggingface-cli download {repo}
+model = load_interposer("{repo}")                                       # this repository
+latents_{dst} = convert(scaled_{src}, "{src}", "{dst}", layout="scaled", weights=model.source)  # pipeline latents
+```
+
+```sh
+pip install latent-interposer
+interposer convert in.latent out.latent --src {src} --dst {dst} --weights {released}
+```
+
+ComfyUI: put `{released}` (folder `{rev}/` here) into `ComfyUI/models/interposers/` and use the
+**Latent Interposer** node (category `latent`), with the node installed from latent-interposer.
+
+## Evaluation
+
+{_eval_table(evaluation or {})}
+
+## Training
+
+{training}
+
+## Dataset
+
+{dataset}
+"""
+
+
+def stage(model: str | Path, repo: str, rev: str, folder: Path) -> list[Path]:
+    """Write every file to push into `folder`; returns them (relative paths) in upload order."""
+    export, run = find_export(model)
+    config = json.loads((export / "config.json").read_text())
+    net = load_interposer(str(export))  # also checks the weights load
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(export / "model.safetensors", folder / "model.safetensors")
+    shutil.copy(export / "config.json", folder / "config.json")
+    if (net.ch_mid, net.blocks) == (64, 12):
+        (folder / rev).mkdir(exist_ok=True)
+        save_released(net, folder / rev / f"{config['src']}-to-{config['dst']}_interposer-{rev}.safetensors")
+    evaluation = None
+    for candidate in (export / EVAL_FILE, run / EVAL_FILE if run else None):
+        if candidate is not None and candidate.is_file():
+            evaluation = json.loads(candidate.read_text())
+            shutil.copy(candidate, folder / EVAL_FILE)
+            break
+    record = json.loads((run / "interposer-run.json").read_text()) if run else None
+    manifest = None
+    data = (record or {}).get("data") or config.get("data")
+    if data and Path(data, "manifest.json").is_file():
+        manifest = json.loads(Path(data, "manifest.json").read_text())
+    (folder / "README.md").write_text(model_card(config, repo, rev, evaluation, record, manifest))
+    return sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file())
+
+
+def _token() -> str:
+    from huggingface_hub import get_token
+
+    token = os.environ.get("HF_TOKEN") or get_token()
+    if not token:
+        raise PermissionError("no Hugging Face token: set HF_TOKEN or run `hf auth login`, then publish again")
+    return token
+
+
+def publish(model: str | Path, repo: str, rev: str = "v5.0", private: bool = False, dry_run: bool = False,
+            endpoint: str | None = None, stage_dir: Path | None = None) -> list[dict]:
+    """Stage and push in one commit (or, with dry_run, only list). Returns [{path, size, sha256}]."""
+    import tempfile
+
+    if repo.count("/") != 1 or not all(repo.split("/")):
+        raise ValueError(f"--repo {repo!r}: expected ORG/NAME")
+    token = None if dry_run else _token()  # before any work: no token, nothing sent
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = stage_dir or Path(tmp)
+        files = stage(model, repo, rev, folder)
+        listing = [dict(path=str(p), size=(folder / p).stat().st_size,
+                        sha256=hashlib.sha256((folder / p).read_bytes()).hexdigest()) for p in files]
+        print(f"[publish] {'would push' if dry_run else 'pushing'} to {repo} ({'private' if private else 'public'}):")
+        for f in listing:
+            print(f"  {f['path']:<50} {f['size']:>12,d} B  sha256 {f['sha256']}")
+        if dry_run:
+            return listing
+        from huggingface_hub import CommitOperationAdd, HfApi
+
+        api = HfApi(endpoint=endpoint, token=token)
+        api.create_repo(repo, private=private, exist_ok=True)
+        ops = [CommitOperationAdd(path_in_repo=str(p), path_or_fileobj=str(folder / p)) for p in files]
+        info = api.create_commit(repo, operations=ops, commit_message=f"Publish {repo} {rev} (latent-interposer)")
+        print(f"[publish] one commit {getattr(info, 'oid', '')}: {getattr(info, 'commit_url', repo)}")
+        return listing
