@@ -28,15 +28,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.standins import SD_VAE  # noqa: E402
 from pipeline.build import BuildConfig, build  # noqa: E402
 from pipeline.encoder import TileEncoder, VAESpec  # noqa: E402
 from pipeline.rows import cut_one  # noqa: E402
 
-SD_VAE = dict(  # stabilityai/sd-vae-ft-mse's config.json
-    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
-    block_out_channels=(128, 256, 512, 512), sample_size=512, act_fn="silu",
-    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-)  # fmt: skip
 
 
 def make_images(folder: Path, count: int, side: int) -> None:

@@ -18,6 +18,15 @@ from interposer.spaces import get_space
 from .encoder import vae_class
 
 
+# The real SD-class AutoencoderKL architecture (stabilityai/sd-vae-ft-mse's config.json), for benchmarks
+# that need a VAE of true cost; with random weights.
+SD_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
+    block_out_channels=(128, 256, 512, 512), sample_size=512, act_fn="silu",
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+)  # fmt: skip
+
+
 def standin_config(code: str, width: int = 8) -> dict:
     """A tiny config of the space's VAE class with its real latent channels and factor."""
     space = get_space(code)
