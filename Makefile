@@ -1,12 +1,12 @@
 # make test: create .venv (CPU torch first), install the project with its test extras, run the suite.
-# make demo: arrives with its issue; until then the README says what runs today.
+# make demo: the same set-up, then the whole chain offline on local Ray (interposer demo).
 
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 TORCH  ?= torch==2.13.0
 
-.PHONY: test venv bench clean
+.PHONY: test demo venv bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -20,6 +20,9 @@ venv: $(VENV)/.installed
 test: venv
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
+
+demo: venv
+	HF_HUB_OFFLINE=1 $(VENV)/bin/interposer demo --out demo-output
 
 bench: venv
 	$(PY) bench/convert.py

@@ -99,6 +99,16 @@ def _ray():
     return ray, started
 
 
+# What each stage asks Ray for (cluster.yaml's node types are sized to fit these; a test checks it).
+DECODE_CPUS = 0.5  # a decode+tile task: below the encoder's 1 so Ray does not fuse the two stages
+ENCODER_CPUS = 1.0  # an encoder actor, plus `gpus_per_worker` GPUs (default 1 on a GPU cluster)
+
+
+def default_requests(gpus: float = 1.0) -> dict[str, dict[str, float]]:
+    """Ray resources of one encoder actor and one decode task with default flags on a GPU cluster."""
+    return {"encoder": {"CPU": ENCODER_CPUS, "GPU": gpus}, "decode": {"CPU": DECODE_CPUS}}
+
+
 def _resources(ray, cfg: BuildConfig) -> tuple[int, float, int]:
     """(encoder actors, GPUs per actor, torch threads per actor) for this cluster."""
     res = ray.cluster_resources()
@@ -268,11 +278,11 @@ def _run_shards(ray, cfg: BuildConfig, store: Store, specs: list[VAESpec], work:
     ds = ray.data.from_items(work, override_num_blocks=max(1, min(len(work), 200)))
     # num_cpus=0.5 keeps decoding a separate stage (Ray fuses stages with identical resources, which would
     # put decoding inside the encoder actor) and lets two decodes share a core while they wait on I/O.
-    ds = ds.map_batches(cut_batch, batch_size=1, num_cpus=0.5, fn_kwargs=dict(
+    ds = ds.map_batches(cut_batch, batch_size=1, num_cpus=DECODE_CPUS, fn_kwargs=dict(
         tile_size=cfg.tile_size, max_tiles=cfg.max_tiles, min_size=cfg.min_size, max_pixels=cfg.max_pixels))
     ds = ds.map_batches(
         _ThreadedEncoder, batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers),
-        num_gpus=gpus or None, num_cpus=1,
+        num_gpus=gpus or None, num_cpus=ENCODER_CPUS,
         fn_constructor_kwargs=dict(specs=specs, batch_size=cfg.batch_size, threads=threads,
                                    device="cuda" if gpus else "cpu"))
     pending: dict[int, list[dict]] = {}

@@ -118,6 +118,22 @@ def _cmd_publish(args) -> int:
     return 0
 
 
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="run the whole chain offline on local Ray (what `make demo` runs)",
+                       description="Stand-in VAEs -> data build -> train (interrupted once, resumed) -> eval -> "
+                       "publish --dry-run -> convert, offline on local Ray, in a few minutes on 2 CPU cores.")
+    p.add_argument("--out", default="demo-output", help="folder for every artefact (default ./demo-output)")
+    p.add_argument("--quick", action="store_true", help="a smaller run (fewer photos and steps), as the tests use")
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, quick=args.quick)
+    return 0
+
+
 def register(sub) -> None:
     _add_train(sub)
 
@@ -135,3 +151,7 @@ def register_eval(sub) -> None:
 
 def register_publish(sub) -> None:
     _add_publish(sub)
+
+
+def register_demo(sub) -> None:
+    _add_demo(sub)

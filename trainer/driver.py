@@ -34,6 +34,12 @@ _FREE = ("max_failures", "log_every", "checkpoint_every", "eval_every", "eval_ti
          "preemption_check_every", "cpus_per_worker")
 
 
+def worker_request(cfg: TrainConfig, cluster_cpus: int = 1) -> dict[str, float]:
+    """Ray resources of one training worker (cluster.yaml's train nodes are sized to fit these)."""
+    cpus = cfg.cpus_per_worker or (1 if cfg.gpu else max(1, cluster_cpus // cfg.workers))
+    return {"CPU": cpus, "GPU": 1} if cfg.gpu else {"CPU": cpus}
+
+
 def pair_fingerprint(manifest, src: str, dst: str) -> str:
     """What the pair's latents depend on: tiling, sources and both spaces' VAEs."""
     ident = dict(manifest.identity(), src=(src, manifest.spaces[src].fingerprint, manifest.spaces[src].dtype),
@@ -119,12 +125,13 @@ def train(cfg: TrainConfig, spec: RunSpec) -> Path | str:
         started = True
     try:
         storage = os.path.abspath(os.path.expanduser(spec.out)) if _local(spec.out) else spec.out
-        cpus = cfg.cpus_per_worker or (1 if cfg.gpu else max(1, int(ray.cluster_resources().get("CPU", 1)) // cfg.workers))
+        request = worker_request(cfg, int(ray.cluster_resources().get("CPU", 1)))
+        cpus = int(request["CPU"])
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config=dict(cfg=cfg.to_dict(), data=spec.data, fingerprint=fingerprint, threads=cpus,
                                    tensorboard=f"{_run_dir(spec)}/tensorboard" if _local(spec.out) else None),
-            scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu, resources_per_worker={"CPU": cpus}),
+            scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu, resources_per_worker=request),
             run_config=RunConfig(name=spec.name, storage_path=storage,
                                  failure_config=FailureConfig(max_failures=cfg.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep)),

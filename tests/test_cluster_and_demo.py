@@ -1,0 +1,55 @@
+"""cluster.yaml validated offline by Ray's own launcher code, and the offline demo of the whole chain."""
+
+import copy
+import json
+
+import yaml
+
+from helpers import ROOT
+
+
+def test_cluster_yaml_is_valid_and_fits_what_the_commands_ask_for():
+    import ray
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    config = prepare_config(copy.deepcopy(raw))
+    validate_config(config)  # raises on a schema error; needs no cloud credentials
+    types = config["available_node_types"]
+    assert types[config["head_node_type"]]["resources"] == {"CPU": 0}  # the head runs no tasks
+    workers = {k: v for k, v in types.items() if k != config["head_node_type"]}
+    assert all(v["node_config"]["InstanceMarketOptions"]["MarketType"] == "spot" for v in workers.values())
+    assert config["docker"]["image"].startswith(f"rayproject/ray:{ray.__version__}-")  # same Ray as installed
+    assert "ray[data]>=2.50,<3" in (ROOT / "pyproject.toml").read_text()
+
+    from pipeline.build import default_requests
+    from trainer.config import TrainConfig
+    from trainer.driver import worker_request
+
+    def fits(request: dict, n: int = 1) -> list[str]:
+        return [k for k, v in workers.items() if all(v["resources"].get(r, 0) >= n * q for r, q in request.items())]
+
+    build = default_requests()
+    encode_node = {r: build["encoder"].get(r, 0) + build["decode"].get(r, 0) for r in ("CPU", "GPU")}
+    assert "encode_gpu" in fits(encode_node)  # an encoder actor and a decode task on one GPU node
+    train = worker_request(TrainConfig(gpu=True, workers=4))
+    assert train == {"CPU": 1, "GPU": 1}
+    assert "train_gpu" in fits(train, n=4)  # `--gpu --workers 4` fits one train node
+
+
+def test_quick_demo_runs_the_whole_chain(tmp_path, ray_session):
+    from helpers import run
+
+    address = ray_session.get_runtime_context().gcs_address  # the session's local Ray: no second cluster
+    result = run("-m", "interposer", "demo", "--quick", "--out", str(tmp_path / "demo"), env={"RAY_ADDRESS": address})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = tmp_path / "demo"
+    for stage in ("=== 1.", "=== 2.", "=== 3.", "=== 4.", "=== 5.", "=== 6.", "STAND-INS"):
+        assert stage in result.stdout
+    assert "killed the training driver (SIGKILL)" in result.stdout and "(resumed from step" in result.stdout
+    for rel in ("data/v1-xl/manifest.json", "runs/xl-v1/export/model.safetensors", "runs/xl-v1/export/eval.json",
+                "astronaut-xl.latent", "astronaut-v1.latent"):
+        assert (out / rel).is_file(), rel
+    rows = {r["method"]: r for r in json.loads((out / "runs/xl-v1/export/eval.json").read_text())["rows"]}
+    assert rows["interposer"]["latent_l1"] < rows["linear"]["latent_l1"]  # it learned more than an affine map
+    assert "would push to your-name/xl-to-v1-interposer" in result.stdout
