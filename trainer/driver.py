@@ -112,6 +112,8 @@ def train(cfg: TrainConfig, spec: RunSpec) -> Path | str:
           f"crops, {cfg.workers} worker(s){' on GPU' if cfg.gpu else ''}; run {_run_dir(spec)}"
           + (" (resuming)" if record else ""), flush=True)
 
+    # Ray Train v2 otherwise also routes every worker print through a logger: each progress line twice
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
