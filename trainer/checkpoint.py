@@ -75,3 +75,26 @@ def load_checkpoint(folder: str | Path, primary, secondary, optims: dict) -> dic
         opt.load_state_dict(state["optimizers"][key])
         sched.load_state_dict(state["schedulers"][key])
     return state
+
+
+def load_with_fallback(folder: str | Path, primary, secondary, optims: dict, fallback: bool) -> tuple[dict, Path]:
+    """Load checkpoint `folder`; if it is unreadable and `fallback` is set, the newest readable one of the
+    other checkpoints beside it (same run) instead, saying so. Without `fallback` the error names it."""
+    folder = Path(folder)
+    try:
+        return load_checkpoint(folder, primary, secondary, optims), folder
+    except ValueError as e:
+        if not fallback:
+            raise ValueError(f"{e}; rerun with --fallback-checkpoint to resume from the previous one") from e
+        first_error = e
+    others = sorted((p for p in folder.parent.glob("checkpoint_*") if p.is_dir() and p.name < folder.name),
+                    key=lambda p: p.name, reverse=True)  # Ray names them by time: newest first
+    for other in others:
+        try:
+            state = load_checkpoint(other, primary, secondary, optims)
+        except ValueError:
+            continue
+        print(f"[train] {first_error}; falling back to {other.name} (step {state['step']}) as "
+              "--fallback-checkpoint asks", flush=True)
+        return state, other
+    raise ValueError(f"{first_error}; no earlier readable checkpoint in {folder.parent}") from first_error

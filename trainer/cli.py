@@ -32,6 +32,9 @@ def _add_train(sub) -> None:
     p.add_argument("--max-failures", type=int, default=None,
                    help="worker failures recovered from the latest checkpoint by Ray Train (default 3; -1: always)")
     p.add_argument("--seed", type=int, default=None, help="seed of every random draw (default 0)")
+    p.add_argument("--fallback-checkpoint", action="store_true", default=None,
+                   help="if the latest checkpoint is unreadable (e.g. truncated), resume from the previous one "
+                   "(default: stop with an error naming it)")
     p.add_argument("--rev", default="v5.0", help="version in the exported released-layout file name (default v5.0)")
     p.set_defaults(func=_cmd_train)
 
@@ -42,7 +45,8 @@ def _cmd_train(args) -> int:
 
     cfg = load_config(args.config, src=args.src, dst=args.dst, steps=args.steps, batch=args.batch, crop=args.crop,
                       workers=args.workers, gpu=args.gpu, checkpoint_every=args.checkpoint_every,
-                      eval_every=args.eval_every, max_failures=args.max_failures, seed=args.seed)
+                      eval_every=args.eval_every, max_failures=args.max_failures, seed=args.seed,
+                      fallback_checkpoint=args.fallback_checkpoint)
     train(cfg, RunSpec(data=args.data, out=args.out, name=args.name, rev=args.rev))
     return 0
 

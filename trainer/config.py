@@ -54,6 +54,7 @@ class TrainConfig:
     cpus_per_worker: int = 0  # CPUs (and torch threads) per worker; 0 = all of the cluster's CPUs / workers
     #                           without GPUs, 1 with them
     max_failures: int = 3  # worker failures Ray Train recovers from by itself
+    fallback_checkpoint: bool = False  # an unreadable latest checkpoint: resume from the previous one
     layout: Literal["raw"] = "raw"  # the networks map raw VAE latents
 
     def __post_init__(self):

@@ -31,7 +31,7 @@ RUN_RECORD = "interposer-run.json"
 EXPORT = "export"
 # settings that do not change what is computed: a resume may change them
 _FREE = ("max_failures", "log_every", "checkpoint_every", "eval_every", "eval_tiles", "num_to_keep",
-         "preemption_check_every", "cpus_per_worker")
+         "preemption_check_every", "cpus_per_worker", "fallback_checkpoint")
 
 
 def worker_request(cfg: TrainConfig, cluster_cpus: int = 1) -> dict[str, float]:

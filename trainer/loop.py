@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import load_with_fallback, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
 from .data import CropSampler, load_pair, step_seed
 from .step import build_models, build_optim, train_step, validation_l1
@@ -28,6 +28,12 @@ def _decoder(cfg: TrainConfig, data: str, device):
     vae = load_vae(get_space(cfg.dst), entry.vae, entry.subfolder, torch.float32, device)
     return lambda z: vae.decode(z.unsqueeze(2) if get_space(cfg.dst).video else z).sample.squeeze(2) \
         if get_space(cfg.dst).video else vae.decode(z).sample
+
+
+def _is_local(checkpoint) -> bool:
+    import pyarrow.fs as pafs
+
+    return isinstance(checkpoint.filesystem, pafs.LocalFileSystem)
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -52,7 +58,9 @@ def train_loop_per_worker(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:  # load everything before wrapping in DDP
         with checkpoint.as_directory() as folder:
-            state = load_checkpoint(folder, primary, secondary, optims)
+            # the real checkpoint folder (local storage) has its siblings beside it, for the fallback
+            where = checkpoint.path if _is_local(checkpoint) else folder
+            state, _ = load_with_fallback(where, primary, secondary, optims, cfg.fallback_checkpoint)
         start = int(state["step"])
         sampler.load_state_dict(state["sampler"])
         if rank < len(state["rng"]):

@@ -83,3 +83,28 @@ def test_corrupt_checkpoint_names_the_folder(tmp_path):
     (folder / "state.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=rf"checkpoint {folder} is unreadable"):
         load_checkpoint(folder, primary, secondary, optims)
+
+
+def test_truncated_latest_checkpoint_falls_back_only_when_asked(tmp_path):
+    from trainer.checkpoint import load_with_fallback
+
+    cfg = TrainConfig(ch_mid=8, blocks=1, batch=4, crop=8, steps=10)
+    primary, secondary = build_models(cfg)
+    optims = {"primary": build_optim(cfg, primary)}
+    src, dst = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
+    saved = {}
+    for step, name in ((1, "checkpoint_2026-01-01_00-00-01"), (2, "checkpoint_2026-01-01_00-00-02")):
+        train_step(cfg, primary, secondary, list(optims.values()), src, dst, torch.device("cpu"), step=step)
+        save_checkpoint(tmp_path / name, primary, secondary, optims, step, {"step": step}, [rng_state()],
+                        cfg.to_dict(), "sha256:x")
+        saved[step] = {k: v.clone() for k, v in primary.state_dict().items()}
+    latest = tmp_path / "checkpoint_2026-01-01_00-00-02"
+    data = (latest / "primary.safetensors").read_bytes()
+    (latest / "primary.safetensors").write_bytes(data[:100])  # truncated, as a kill mid-upload leaves it
+    p2, s2 = build_models(cfg)
+    o2 = {"primary": build_optim(cfg, p2)}
+    with pytest.raises(ValueError, match=rf"checkpoint {latest} is unreadable.*--fallback-checkpoint"):
+        load_with_fallback(latest, p2, s2, o2, fallback=False)
+    state, used = load_with_fallback(latest, p2, s2, o2, fallback=True)
+    assert used.name == "checkpoint_2026-01-01_00-00-01" and state["step"] == 1
+    assert all(torch.equal(p2.state_dict()[k], v) for k, v in saved[1].items())
