@@ -162,9 +162,16 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (UsageError, ValueError, TypeError, FileNotFoundError, PermissionError, WeightsNotFoundError) as e:
-        command = " ".join(str(getattr(args, k)) for k in ("command", "data_command") if getattr(args, k, None))
-        print(f"{parser.prog} {command}: error: {e}".replace("  ", " "), file=sys.stderr)
+        print(f"{_where(parser, args)}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the machine, not the user's input: a full disk, a failed write
+        print(f"{_where(parser, args)}: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _where(parser: argparse.ArgumentParser, args) -> str:
+    command = " ".join(str(getattr(args, k)) for k in ("command", "data_command") if getattr(args, k, None))
+    return f"{parser.prog} {command}".strip()
 
 
 def run_parser(prog: str, description: str, adders, argv: list[str] | None = None) -> int:

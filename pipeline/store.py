@@ -24,6 +24,10 @@ def table_bytes(table: pa.Table) -> bytes:
     return buf.getvalue()
 
 
+class StoreWriteError(OSError):
+    """A dataset file could not be written (the message names it)."""
+
+
 class Store:
     def __init__(self, root: str | os.PathLike):
         root = str(root)
@@ -55,18 +59,22 @@ class Store:
     def write_bytes(self, rel: str, data: bytes) -> None:
         target = self.path(rel)
         parent = target.rsplit("/", 1)[0]
-        self.fs.create_dir(parent, recursive=True)
-        if not self.local:
-            with self.fs.open_output_stream(target) as f:
-                f.write(data)
-            return
         tmp = f"{parent}/.{target.rsplit('/', 1)[1]}.{uuid.uuid4().hex[:8]}.tmp"
         try:
+            self.fs.create_dir(parent, recursive=True)
+            if not self.local:
+                with self.fs.open_output_stream(target) as f:
+                    f.write(data)
+                return
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, target)
+        except OSError as e:  # disk full, read-only, a file where a folder should be: say which file
+            Path(tmp).unlink(missing_ok=True)
+            raise StoreWriteError(f"cannot write {target}: {e.strerror or e}; nothing half-written was left, "
+                                  "fix this and rerun the same command to go on") from e
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise

@@ -193,3 +193,52 @@ def test_cli_mistakes_exit_2_and_write_nothing(argv, message, sources, tmp_path)
     assert result.returncode == 2, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_disk_full_mid_shard_leaves_no_partial_file_and_a_rerun_recovers(clean, sources, vaes, tmp_path,
+                                                                          monkeypatch):
+    import errno
+
+    import pipeline.store as store_module
+    from pipeline.store import StoreWriteError
+
+    real_open, calls = open, {"n": 0}
+
+    class FullDisk:
+        """A file that takes half the bytes, then fails as a full disk does."""
+
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            self.f.write(data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def failing_open(path, mode="r", *args, **kw):
+        f = real_open(path, mode, *args, **kw)
+        if "w" in mode and str(path).endswith(".tmp") and "/latents/" in str(path):
+            calls["n"] += 1
+            if calls["n"] == 4:  # the 4th latent file: mid-build, mid-shard
+                return FullDisk(f)
+        return f
+
+    out = tmp_path / "full"
+    monkeypatch.setattr(store_module, "open", failing_open, raising=False)
+    with pytest.raises(StoreWriteError, match=r"cannot write .*/latents/.*part-\d+\.parquet: No space left on "
+                                              r"device; nothing half-written was left"):
+        build(_cfg(sources, vaes, out))
+    assert not list(out.rglob("*.tmp"))
+    for part in out.rglob("part-*.parquet"):
+        pq.read_table(part)  # every file under its real name is complete
+    monkeypatch.undo()
+    build(_cfg(sources, vaes, out))
+    assert _digest(out) == _digest(clean)
