@@ -25,9 +25,7 @@ demo: venv
 	HF_HUB_OFFLINE=1 $(VENV)/bin/interposer demo --out demo-output
 
 bench: venv
-	$(PY) bench/convert.py
-	$(PY) bench/encode.py
-	$(PY) bench/train.py
+	$(PY) bench/run.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
