@@ -5,7 +5,8 @@
     interposer convert in.safetensors out.npy --src sdxl --dst sd15 --layout scaled --device cuda
 
 Mistakes (unknown space, wrong channel count, missing or unreadable file) print one line on stderr and exit
-with status 2; nothing is written.
+with status 2; nothing is written. `data`, `train`, `eval`, `publish` and `demo` come from pipeline/ and
+trainer/ through the `interposer.commands` entry points, so this package never imports them.
 """
 
 from __future__ import annotations

@@ -1,4 +1,9 @@
-"""Building paired latent datasets with Ray Data (sources -> tiles -> VAE encoders -> Parquet + manifest).
+"""Building paired latent datasets with Ray Data: sources -> 1024 px tiles -> several VAEs -> Parquet + manifest.
 
-Not built yet: see the project's open issues. May import `interposer`, never the reverse.
+    interposer data build --images photos/ --space v1 --space xl --out data/v1-xl
+    interposer data add-space --data data/v1-xl --space fx
+    interposer data inspect data/v1-xl
+
+`schema.py` is the dataset contract trainer/ reads; only `build.py` imports Ray. May import `interposer`,
+never the reverse.
 """
