@@ -13,7 +13,6 @@ the first encoded image back to the end. The bare loop runs first, so both see t
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import platform

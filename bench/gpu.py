@@ -15,39 +15,20 @@ Prints:
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import timed  # noqa: E402
 from interposer import InterposerModel, convert, save_released  # noqa: E402
 from interposer.spaces import default_args  # noqa: E402
 from pipeline.standins import SD_VAE  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
 from trainer.step import build_models, build_optim, train_step  # noqa: E402
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device, repeats: int, warmup: int = 2) -> float:
-    """Median seconds of fn() after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:

@@ -11,7 +11,6 @@ Ray is imported only when a command runs, so `interposer --help` stays fast and 
 
 from __future__ import annotations
 
-import argparse
 import json
 
 

@@ -28,7 +28,7 @@ def hash_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             ids.append(hashlib.sha256(data).hexdigest())
             sizes.append(len(data))
             status.append("ok")
-        except (OSError, ValueError) as e:  # permissions, vanished file, unreachable object
+        except (OSError, ValueError):  # permissions, vanished file, unreachable object
             ids.append("")
             sizes.append(-1)
             status.append("unreadable")

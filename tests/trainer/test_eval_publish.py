@@ -1,7 +1,4 @@
 import json
-import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
