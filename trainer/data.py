@@ -48,30 +48,34 @@ def is_validation(image_id: str, fraction: float) -> bool:
     return h / 2**64 < fraction
 
 
-def load_pair(data: str, src: str, dst: str, split: str, val_fraction: float) -> PairData:
-    """The split's tiles that have latents in both spaces, joined on tile_key, in dataset order."""
+def iter_pair(data: str, src: str, dst: str, split: str, val_fraction: float):
+    """(tile row, src latent, dst latent) for each tile of `split` ("train", "val" or "all") that has latents
+    in both spaces, joined on tile_key, in dataset order. The validation split is by image id."""
     store = Store(data)
     manifest = read_manifest(data)
     check_pair(manifest, data, src, dst)
-    srcs, dsts, ids = [], [], []
     for shard in range(manifest.shards):
-        tiles = store.read_table(tiles_path(shard))
         a = store.read_table(latents_path(src, shard))
         b = store.read_table(latents_path(dst, shard))
         pos_a = {k: i for i, k in enumerate(a.column("tile_key").to_pylist())}
         pos_b = {k: i for i, k in enumerate(b.column("tile_key").to_pylist())}
         la, lb = read_latents(a) if a.num_rows else None, read_latents(b) if b.num_rows else None
-        for key, image_id in zip(tiles.column("tile_key").to_pylist(), tiles.column("image_id").to_pylist()):
+        for tile in store.read_table(tiles_path(shard)).to_pylist():
+            key = tile["tile_key"]
             if key not in pos_a or key not in pos_b:
                 continue
-            if is_validation(image_id, val_fraction) != (split == "val"):
+            if split != "all" and is_validation(tile["image_id"], val_fraction) != (split == "val"):
                 continue
-            srcs.append(la[pos_a[key]])
-            dsts.append(lb[pos_b[key]])
-            ids.append(image_id)
-    if not srcs:
+            yield tile, la[pos_a[key]], lb[pos_b[key]]
+
+
+def load_pair(data: str, src: str, dst: str, split: str, val_fraction: float) -> PairData:
+    """The split's tiles that have latents in both spaces, joined on tile_key, in dataset order."""
+    rows = list(iter_pair(data, src, dst, split, val_fraction))
+    if not rows:
         raise ValueError(f"--data {data}: the {split} split has no tiles with both {src} and {dst} latents")
-    return PairData(torch.from_numpy(np.stack(srcs)), torch.from_numpy(np.stack(dsts)), ids)
+    return PairData(torch.from_numpy(np.stack([r[1] for r in rows])), torch.from_numpy(np.stack([r[2] for r in rows])),
+                    [r[0]["image_id"] for r in rows])
 
 
 def step_seed(seed: int, *parts: int) -> int:

@@ -70,37 +70,18 @@ def _to_images(x: torch.Tensor) -> np.ndarray:
 
 
 def _tiles(data: str, src: str, dst: str, split: str, val_fraction: float, limit: int | None):
-    """(keys, uris, image ids, tile indices, src latents, dst latents) of a split, in dataset order."""
-    from pipeline.schema import latents_path, read_latents, tiles_path
-    from pipeline.store import Store
+    """(tile rows, src latents, dst latents, manifest) of a split, in dataset order, at most `limit`."""
+    from itertools import islice
 
-    from .data import check_pair, is_validation, read_manifest
+    from .data import iter_pair, read_manifest
 
-    store, manifest = Store(data), read_manifest(data)
-    check_pair(manifest, data, src, dst)
-    rows, a_all, b_all = [], [], []
-    for shard in range(manifest.shards):
-        tiles = store.read_table(tiles_path(shard)).to_pylist()
-        a, b = store.read_table(latents_path(src, shard)), store.read_table(latents_path(dst, shard))
-        pa_, pb = ({k: i for i, k in enumerate(t.column("tile_key").to_pylist())} for t in (a, b))
-        la = read_latents(a) if a.num_rows else None
-        lb = read_latents(b) if b.num_rows else None
-        for t in tiles:
-            if t["tile_key"] not in pa_ or t["tile_key"] not in pb:
-                continue
-            if split != "all" and is_validation(t["image_id"], val_fraction) != (split == "val"):
-                continue
-            rows.append(t)
-            a_all.append(la[pa_[t["tile_key"]]])
-            b_all.append(lb[pb[t["tile_key"]]])
-            if limit and len(rows) >= limit:
-                break
-        if limit and len(rows) >= limit:
-            break
+    rows = list(islice(iter_pair(data, src, dst, split, val_fraction), limit or None))
     if not rows:
         raise ValueError(f"--data {data}: no {split} tiles with both {src} and {dst} latents "
                          f"(val is {val_fraction:.0%} of images by id; try --split all)")
-    return rows, torch.from_numpy(np.stack(a_all)).float(), torch.from_numpy(np.stack(b_all)).float(), manifest
+    x = torch.from_numpy(np.stack([r[1] for r in rows])).float()
+    y = torch.from_numpy(np.stack([r[2] for r in rows])).float()
+    return [r[0] for r in rows], x, y, read_manifest(data)
 
 
 def evaluate(model: str, data: str, split: str = "val", limit: int | None = 64, device: str = "cpu",
