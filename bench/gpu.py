@@ -66,7 +66,7 @@ def main() -> None:
         best = max(best, batch / sec)
         print(f"encode   batch {batch:>2}: {batch / sec:8.1f} tiles/s at {side} px (bf16)", flush=True)
     print(f"encode   best {best:.1f} tiles/s (goal >= 60 on an H100)", flush=True)
-    del vae
+    vae = None  # free its memory before the next measurement
     if device.type == "cuda":
         torch.cuda.empty_cache()
 

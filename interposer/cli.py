@@ -129,7 +129,7 @@ def _plugins(sub) -> None:
         try:
             register = ep.load()
         except ImportError as e:  # the extra that command needs is not installed
-            p = sub.add_parser(ep.name, help=f"(needs: pip install 'latent-interposer[all]')")
+            p = sub.add_parser(ep.name, help="(needs: pip install 'latent-interposer[all]')")
             p.set_defaults(func=lambda args, e=e: _missing(ep.name, e))
             continue
         register(sub)

@@ -64,6 +64,7 @@ SKIMAGE_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "m
 def ray_session():
     import ray
 
+    os.environ.setdefault("RAY_worker_niceness", "0")  # as pipeline.build.start_ray() runs local Ray
     ray.init(num_cpus=2, include_dashboard=False, logging_level="warning", log_to_driver=False)
     yield ray
     ray.shutdown()

@@ -47,7 +47,7 @@ def run_demo(out: str | Path, quick: bool = False) -> dict[str, Path]:
     import ray
     import skimage
 
-    from pipeline.build import BuildConfig, build
+    from pipeline.build import BuildConfig, build, start_ray
     from pipeline.standins import make_standin_vae
 
     from .config import TrainConfig
@@ -74,10 +74,7 @@ def run_demo(out: str | Path, quick: bool = False) -> dict[str, Path]:
     for name in photos:
         shutil.copy(data_dir / name, art["images"] / name)
 
-    started = not ray.is_initialized()
-    if started:  # local Ray, or the cluster RAY_ADDRESS names
-        kwargs = {} if os.environ.get("RAY_ADDRESS") else dict(include_dashboard=False)
-        ray.init(logging_level="warning", log_to_driver=False, **kwargs)
+    started = start_ray()  # local Ray, or the cluster RAY_ADDRESS names
     try:
         t = _stage(2, f"interposer data build: {len(photos)} photographs -> 128 px tiles -> v1 and xl latents")
         art["dataset"] = out / "data" / "v1-xl"

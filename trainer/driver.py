@@ -118,13 +118,11 @@ def train(cfg: TrainConfig, spec: RunSpec) -> Path | str:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from pipeline.build import start_ray
+
     from .loop import train_loop_per_worker
 
-    started = False
-    if not ray.is_initialized():
-        kwargs = {} if os.environ.get("RAY_ADDRESS") else dict(include_dashboard=False)
-        ray.init(logging_level="warning", **kwargs)
-        started = True
+    started = start_ray(log_to_driver=True)
     try:
         storage = os.path.abspath(os.path.expanduser(spec.out)) if _local(spec.out) else spec.out
         request = worker_request(cfg, int(ray.cluster_resources().get("CPU", 1)))

@@ -53,3 +53,20 @@ def test_init_weights_follow_v4_recipe():
     bn = torch.cat([m.weight for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)])
     assert abs(conv.mean().item()) < 1e-3 and conv.std().item() == pytest.approx(0.02, rel=0.02)
     assert bn.mean().item() == pytest.approx(1.0, abs=0.01) and bn.std().item() == pytest.approx(0.02, rel=0.3)
+
+
+@pytest.mark.parametrize("args", [dict(), dict(ch_in=16, scale=0.5, blocks=2), dict(scale=2.0, blocks=0)])
+def test_in_place_inference_is_bit_identical_and_leaves_input_alone(args):
+    model = InterposerModel(**args).eval()
+    model.init_weights(torch.Generator().manual_seed(0))
+    x = torch.randn(2, model.ch_in, 16, 16, requires_grad=True)
+    kept = x.detach().clone()
+    y_grad = model(x)  # autograd records: the out-of-place path
+    y_grad.square().mean().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    with torch.no_grad():
+        y_nograd = model(x)
+    with torch.inference_mode():
+        y_inference = model(x.detach())
+    assert torch.equal(y_grad.detach(), y_nograd) and torch.equal(y_nograd, y_inference)
+    assert torch.equal(x.detach(), kept)

@@ -242,3 +242,29 @@ def test_disk_full_mid_shard_leaves_no_partial_file_and_a_rerun_recovers(clean, 
     monkeypatch.undo()
     build(_cfg(sources, vaes, out))
     assert _digest(out) == _digest(clean)
+
+
+def test_local_ray_runs_workers_at_the_commands_priority(tmp_path):
+    # Ray's default renices workers to 15; start_ray() keeps them at the driver's own priority unless the
+    # user sets RAY_worker_niceness. Run under `nice -n 2` so "inherited" and "reniced" differ from 0.
+    script = (
+        "import os, ray\n"
+        "from pipeline.build import start_ray\n"
+        "nice = ray.remote(lambda: os.nice(0))\n"
+        "assert start_ray() and not start_ray()\n"  # the second call finds Ray running
+        "print('default', os.nice(0), ray.get(nice.remote()))\n"
+        "ray.shutdown()\n"
+        "os.environ['RAY_worker_niceness'] = '15'\n"
+        "start_ray()\n"
+        "print('override', os.nice(0), ray.get(nice.remote()))\n"
+        "ray.shutdown()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_worker_niceness")}
+    result = subprocess.run(["nice", "-n", "2", sys.executable, "-c", script], capture_output=True, text=True,
+                            env=env, cwd=Path(__file__).resolve().parents[2], timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = dict(line.split(" ", 1) for line in result.stdout.splitlines() if line.startswith(("default", "override")))
+    driver, worker = map(int, lines["default"].split())
+    assert driver == 2 and worker == 2
+    driver, worker = map(int, lines["override"].split())
+    assert driver == 2 and worker > 2
