@@ -3,11 +3,12 @@
     python bench/train.py                     # v4 network (64 wide, 12 blocks), batch 32 of 32x32 crops, CPU
     python bench/train.py --batch 128 --steps 40
 
-Both run trainer.step.train_step on the same sampler, batch and torch threads. Ray Train's figure is the
-difference of two runs (N and 2N steps), so start-up (actors, data loading, checkpointing the last step)
-cancels out; the bare loop times N steps after a warm-up step. Rounds alternate the two; each figure is
-its best round. The dataset is written directly in the
-pipeline's format with random latents (training speed does not depend on what the latents hold).
+Both run trainer.step.train_step on the same sampler, batch and torch threads: the bare loop in this
+process, Ray Train as `interposer train` runs it (1 worker). Each side's rate is the median over windows of
+--window steps after the first; for Ray Train these are the steps_per_s it logs (everything in the worker
+between two log lines), so actor start-up and data loading, which do not grow with a run, are left out.
+Rounds alternate the two and the ratio is the median of the rounds' own ratios. The dataset is written
+directly in the pipeline's format with random latents (training speed does not depend on what they hold).
 """
 
 from __future__ import annotations
@@ -67,10 +68,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=32, help="batch of crops (default 32)")
     parser.add_argument("--crop", type=int, default=32, help="crop side in latent pixels (default 32)")
-    parser.add_argument("--steps", type=int, default=20, help="N: timed steps (default 20)")
+    parser.add_argument("--steps", type=int, default=40, help="steps per run (default 40)")
+    parser.add_argument("--window", type=int, default=5, help="steps per timed window (default 5)")
     parser.add_argument("--repeats", type=int, default=2, help="rounds of bare loop then Ray Train (default 2)")
     args = parser.parse_args()
     import ray
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
     try:
@@ -91,35 +94,40 @@ def main() -> None:
         train_step(cfg, primary, secondary, optims, *sampler.next(), device)  # warm-up
 
         # Rounds alternate the bare loop and Ray Train, so a slow minute of this shared machine hits both; Ray
-        # runs only during its turn. Ray Train's rate in a round is the difference of two runs, N and 2N
-        # steps, so start-up (actors, data loading, the last checkpoint) cancels out. Best round reported.
-        bare, steady = [], []
+        # runs only during its turn. Each side's rate is the median over windows of --window steps after the
+        # first window (warm-up): Ray Train's windows are the steps_per_s it logs to TensorBoard, which count
+        # everything in the worker between two log lines; start-up (actors, data loading) is left out.
+        windows = args.steps // args.window
+        bare, ray_rates, walls = [], [], []
         for r in range(args.repeats):
-            start = time.perf_counter()
-            for step in range(args.steps):
-                train_step(cfg, primary, secondary, optims, *sampler.next(), device, step=step)
-            bare.append(args.steps * args.batch / (time.perf_counter() - start))
-
-            start_ray()  # as `interposer data build` / `interposer train` start it
-            walls = {}
-            for n in (args.steps, 2 * args.steps):
-                run_cfg = TrainConfig(**base, steps=n, checkpoint_every=n)
+            rates = []
+            for w in range(windows):
                 start = time.perf_counter()
-                train(run_cfg, RunSpec(str(data), str(work / "runs"), f"r{r}-n{n}"))
-                walls[n] = time.perf_counter() - start
-            ray.shutdown()
-            steady.append(args.steps * args.batch / (walls[2 * args.steps] - walls[args.steps]))
-            print(f"round {r + 1}/{args.repeats}: bare {bare[-1]:.1f} samples/s, Ray Train {steady[-1]:.1f} "
-                  f"({steady[-1] / bare[-1]:.3f}; {walls[args.steps]:.1f} s for {args.steps} steps, "
-                  f"{walls[2 * args.steps]:.1f} s for {2 * args.steps}, start-up included in both)", flush=True)
+                for step in range(w * args.window, (w + 1) * args.window):
+                    train_step(cfg, primary, secondary, optims, *sampler.next(), device, step=step)
+                rates.append(args.window / (time.perf_counter() - start))
+            bare.append(statistics.median(rates[1:]) * args.batch)
 
-        b, st = max(bare), max(steady)
+            start_ray()  # as `interposer train` starts it
+            run_cfg = TrainConfig(**base | dict(log_every=args.window), steps=args.steps, checkpoint_every=args.steps)
+            start = time.perf_counter()
+            train(run_cfg, RunSpec(str(data), str(work / "runs"), f"r{r}"))
+            walls.append(time.perf_counter() - start)
+            ray.shutdown()
+            board = EventAccumulator(str(work / "runs" / f"r{r}" / "tensorboard"))
+            board.Reload()
+            logged = [e.value for e in board.Scalars("steps_per_s")]
+            assert len(logged) == windows, (len(logged), windows)
+            ray_rates.append(statistics.median(logged[1:]) * args.batch)
+            print(f"round {r + 1}/{args.repeats}: bare {bare[-1]:.1f} samples/s, Ray Train {ray_rates[-1]:.1f} "
+                  f"({ray_rates[-1] / bare[-1]:.3f}; its whole run {walls[-1]:.1f} s with start-up)", flush=True)
+
+        ratios = [t / b for t, b in zip(ray_rates, bare)]
         print(f"machine     {platform.machine()}, {cpus} CPU cores, torch {torch.__version__}, ray {ray.__version__}")
         print(f"workload    v4 network xl->v1 (p loss), batch {args.batch} of {args.crop}x{args.crop} crops, fp32 CPU, "
-              f"{cpus} threads; best of {args.repeats} rounds")
-        print(f"bare loop   {b:8.1f} samples/s")
-        print(f"Ray Train   {st:8.1f} samples/s   (1 worker; difference of an N- and a 2N-step run)")
-        ratios = [s / b_ for s, b_ in zip(steady, bare)]
+              f"{cpus} threads; {args.steps} steps in windows of {args.window}, {args.repeats} rounds")
+        print(f"bare loop   {max(bare):8.1f} samples/s   (best round)")
+        print(f"Ray Train   {max(ray_rates):8.1f} samples/s   (1 worker; best round)")
         print(f"ratio       {statistics.median(ratios):8.3f}   (goal >= 0.95; median of the rounds' own ratios: "
               f"{', '.join(f'{r:.3f}' for r in ratios)})")
     finally:

@@ -105,7 +105,10 @@ def train_loop_per_worker(config: dict) -> None:
             t = torch.tensor([metrics[k] for k in sorted(metrics)], dtype=torch.float64)
             dist.all_reduce(t)
             metrics = {k: v / world for k, v in zip(sorted(metrics), t.tolist())}
-        metrics.update(step=done, lr=optims["primary"][1].get_last_lr()[0], resumed_from=start)
+        # this rank's rate since the last log line, everything between included (checkpoints, evaluation)
+        now = time.perf_counter()
+        rate, t0, last_step = (done - last_step) / max(now - t0, 1e-9), now, done
+        metrics.update(step=done, lr=optims["primary"][1].get_last_lr()[0], resumed_from=start, steps_per_s=rate)
         if evaluate and rank == 0:
             metrics["val_l1"] = validation_l1(unwrap(primary), val.src[: cfg.eval_tiles], val.dst[: cfg.eval_tiles],
                                               device)
@@ -116,13 +119,11 @@ def train_loop_per_worker(config: dict) -> None:
             else:
                 rngs = [rng_state()]
         if rank == 0:
-            rate = (done - last_step) / max(time.perf_counter() - t0, 1e-9)
             eta = (cfg.steps - done) / max(rate, 1e-9)
             extra = f", val L1 {metrics['val_l1']:.4f}" if "val_l1" in metrics else ""
             print(f"[train] step {done}/{cfg.steps}  {rate:.2f} steps/s  loss {metrics['loss']:.4f}{extra}  "
                   f"lr {metrics['lr']:.2e}  ETA {eta / 60:.1f} min" + ("  (preemption notice: checkpoint)" if preempted else ""),
                   flush=True)
-            t0, last_step = time.perf_counter(), done
             if writer is not None:
                 for k, v in metrics.items():
                     if k != "step":

@@ -40,7 +40,14 @@ def test_run_exports_a_loadable_interposer_and_a_rerun_does_nothing(reference, d
     y = convert(x, "xl", "v1", weights=reference / "export")
     with torch.no_grad():
         torch.testing.assert_close(y, model(x), atol=1e-5, rtol=1e-5)  # convert() runs channels-last
-    assert (reference / "tensorboard").is_dir() and any((reference / "tensorboard").iterdir())
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(reference / "tensorboard"))
+    board.Reload()
+    rates = board.Scalars("steps_per_s")  # logged at every checkpoint (10) and log line (30)
+    assert [e.step for e in rates] == [10, 20, 30, 40, 50, 60]
+    assert all(e.value > 0 for e in rates)
+    assert [e.step for e in board.Scalars("loss")] == [10, 20, 30, 40, 50, 60]
     before = _final(reference)
     train(TrainConfig(**TINY), RunSpec(str(dataset), str(reference.parent), "ref"))
     assert "already finished at step 60; nothing to do" in capsys.readouterr().out
