@@ -104,8 +104,8 @@ def _cmd_list(args) -> int:
     print("Latent spaces (interposers map raw VAE latents):")
     print(f"  {'code':<5} {'ch':>3} {'f':>2}  {'scaled layout':<28} {'default VAE':<66} aliases")
     for s in SPACES:
-        scaled = {"factor": (f"(x - {s.shift:g})" if s.shift else "x") + f" * {s.scale:.6g}", "per_channel": "(x - mean[c]) / std[c]",
-                  "vae_batchnorm": "VAE batch-norm stats"}[s.scaling]
+        scaled = {"factor": (f"(x - {s.shift:g})" if s.shift else "x") + f" * {s.scale:.6g}",
+                  "per_channel": "(x - mean[c]) / std[c]", "vae_batchnorm": "VAE batch-norm stats"}[s.scaling]
         vae = f"{s.vae_class} {s.vae_repo}" + (f" ({s.vae_subfolder})" if s.vae_subfolder else "")
         print(f"  {s.code:<5} {s.channels:>3} {s.factor:>2}  {scaled:<28} {vae:<66} {', '.join(s.aliases)}")
     print(f"\nReleased {RELEASE_VERSION} interposers ({RELEASE_REPO}); local folder: {interposer_home()}")

@@ -65,8 +65,8 @@ class LatentSpace:
             scale = (1.0 / torch.tensor(self.std, dtype=torch.float32)).view(view)
         else:
             raise ValueError(
-                f"space {self.code!r} keeps its scaling in its VAE's batch-norm statistics (and pipelines patchify it); "
-                "pass raw latents (layout='raw')"
+                f"space {self.code!r} keeps its scaling in its VAE's batch-norm statistics (and pipelines "
+                "patchify it); pass raw latents (layout='raw')"
             )
         return shift.to(x.device), scale.to(x.device)
 

@@ -34,7 +34,8 @@ def _add_build(sub) -> None:
                    "(default 512)")
     p.add_argument("--max-pixels", type=int, default=1 << 28,
                    help="skip images with more pixels as decompression bombs (default 268435456)")
-    p.add_argument("--shard-size", type=int, default=64, help="unique images per shard, the unit of resume (default 64)")
+    p.add_argument("--shard-size", type=int, default=64,
+                   help="unique images per shard, the unit of resume (default 64)")
     _add_encoding_flags(p)
     p.add_argument("--latent", choices=("mean", "sample"), default="mean",
                    help="store the encoder distribution's mean (default) or a sample seeded by tile key")

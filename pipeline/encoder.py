@@ -144,7 +144,8 @@ class TileEncoder:
             lat_parts, std_parts = [], []
             for i in range(0, len(tiles), self.batch_size):
                 seeds = [tile_seed(k) for k in keys[i : i + self.batch_size]]
-                mean, std = encode_raw(self.vaes[spec.space], space, pixels[i : i + self.batch_size], spec.latent, seeds)
+                batch = pixels[i : i + self.batch_size]
+                mean, std = encode_raw(self.vaes[spec.space], space, batch, spec.latent, seeds)
                 lat_parts.append(mean.cpu())
                 std_parts.append(std.cpu() if std is not None else None)
             latents = torch.cat(lat_parts).half()  # (N, C, h, w)
@@ -153,7 +154,8 @@ class TileEncoder:
             if stds is not None:
                 finite &= torch.isfinite(stds).flatten(1).all(1)
             for j in torch.nonzero(~finite).flatten().tolist():  # retry each bad tile alone in fp32
-                mean, std = encode_raw(self._fp32_vae(spec), space, pixels[j : j + 1], spec.latent, [tile_seed(keys[j])])
+                mean, std = encode_raw(self._fp32_vae(spec), space, pixels[j : j + 1], spec.latent,
+                                       [tile_seed(keys[j])])
                 latents[j] = mean[0].cpu().half()
                 if stds is not None:
                     stds[j] = std[0].cpu().half()

@@ -88,7 +88,8 @@ class FakeHub:
                 return self._json({"error": f"fake hub: no route POST {path}"}, 404)
 
             def _resolve(self, head: bool):
-                hub.requests.append(("HEAD" if head else "GET", self.path, {k.lower(): v for k, v in self.headers.items()}))
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                hub.requests.append(("HEAD" if head else "GET", self.path, headers))
                 parts = self.path.split("?")[0].strip("/").split("/")  # ORG NAME resolve REV PATH...
                 if len(parts) >= 5 and parts[2] == "resolve":
                     repo, path = f"{parts[0]}/{parts[1]}", "/".join(parts[4:])

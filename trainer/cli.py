@@ -111,7 +111,8 @@ def _add_publish(sub) -> None:
     p.add_argument("--repo", required=True, help="Hub repo id, ORG/NAME")
     p.add_argument("--rev", default="v5.0", help="version in the released-layout path (default v5.0)")
     p.add_argument("--private", action="store_true", help="create the repo private")
-    p.add_argument("--dry-run", action="store_true", help="list what would be pushed (files, sizes, sha256); send nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list what would be pushed (files, sizes, sha256); send nothing")
     p.set_defaults(func=_cmd_publish)
 
 

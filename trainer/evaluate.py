@@ -168,8 +168,8 @@ def evaluate(model: str, data: str, split: str = "val", limit: int | None = 64, 
 def format_table(result: dict) -> str:
     head = f"{'method':<12} {'lat L1':>8} {'lat MSE':>8} {'PSNR tile':>9} {'SSIM tile':>9} {'PSNR tgt':>9} " \
            f"{'SSIM tgt':>8} {'ΔE':>6} {'ms/lat':>8}"
-    lines = [f"{result['src']} -> {result['dst']}: {result['tiles']} {result['split']} tiles of {result['tile_size']} px "
-             f"on {result['device']}", head]
+    lines = [f"{result['src']} -> {result['dst']}: {result['tiles']} {result['split']} tiles of "
+             f"{result['tile_size']} px on {result['device']}", head]
     fmt = lambda v, f: format(v, f) if v is not None else "-"  # noqa: E731
     for r in result["rows"]:
         lines.append(f"{r['method']:<12} {r['latent_l1']:>8.4f} {r['latent_mse']:>8.4f} {fmt(r['psnr_tile'], '9.2f')} "

@@ -70,13 +70,16 @@ def train_loop_per_worker(config: dict) -> None:
 
     primary = ray.train.torch.prepare_model(primary, move_to_device=device) if world > 1 else primary.to(device)
     if cfg.uses_secondary:
-        secondary = ray.train.torch.prepare_model(secondary, move_to_device=device) if world > 1 else secondary.to(device)
+        secondary = (ray.train.torch.prepare_model(secondary, move_to_device=device) if world > 1
+                     else secondary.to(device))
     else:
         secondary = secondary.to(device)
     unwrap = lambda m: getattr(m, "module", m)  # noqa: E731
     decoder = _decoder(cfg, config["data"], device) if cfg.decoded_loss_weight else None
 
-    val = load_pair(config["data"], cfg.src, cfg.dst, "val", cfg.val_fraction) if rank == 0 and cfg.val_fraction else None
+    val = None
+    if rank == 0 and cfg.val_fraction:
+        val = load_pair(config["data"], cfg.src, cfg.dst, "val", cfg.val_fraction)
     writer = None
     if rank == 0 and config.get("tensorboard"):
         from torch.utils.tensorboard import SummaryWriter
@@ -121,9 +124,9 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             eta = (cfg.steps - done) / max(rate, 1e-9)
             extra = f", val L1 {metrics['val_l1']:.4f}" if "val_l1" in metrics else ""
+            notice = "  (preemption notice: checkpoint)" if preempted else ""
             print(f"[train] step {done}/{cfg.steps}  {rate:.2f} steps/s  loss {metrics['loss']:.4f}{extra}  "
-                  f"lr {metrics['lr']:.2e}  ETA {eta / 60:.1f} min" + ("  (preemption notice: checkpoint)" if preempted else ""),
-                  flush=True)
+                  f"lr {metrics['lr']:.2e}  ETA {eta / 60:.1f} min{notice}", flush=True)
             if writer is not None:
                 for k, v in metrics.items():
                     if k != "step":

@@ -48,8 +48,10 @@ def _eval_table(evaluation: dict) -> str:
     for r in rows:
         cells = [format(r[k], f) if r.get(k) is not None else "–" for _, k, f in cols]
         lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + (f"\n\n{evaluation['tiles']} {evaluation['split']} tiles of {evaluation['tile_size']} px, "
-                               f"device {evaluation['device']}." if "tiles" in evaluation else "")
+    if "tiles" not in evaluation:
+        return "\n".join(lines)
+    return "\n".join(lines) + (f"\n\n{evaluation['tiles']} {evaluation['split']} tiles of "
+                               f"{evaluation['tile_size']} px, device {evaluation['device']}.")
 
 
 def model_card(config: dict, repo: str, rev: str, evaluation: dict | None, run_record: dict | None,
@@ -65,7 +67,8 @@ def model_card(config: dict, repo: str, rev: str, evaluation: dict | None, run_r
         training = "```json\n" + json.dumps(run_record.get("config", {}), indent=2, sort_keys=True) + "\n```"
     dataset = "_Not recorded._"
     if manifest:
-        spaces = "\n".join(f"- `{k}`: {v['vae_class']} `{v['vae']}`" + (f" ({v['subfolder']})" if v.get("subfolder") else "")
+        spaces = "\n".join(f"- `{k}`: {v['vae_class']} `{v['vae']}`"
+                           + (f" ({v['subfolder']})" if v.get("subfolder") else "")
                            + f", {v['dtype']}, weights `{v['fingerprint']}`" for k, v in manifest["spaces"].items())
         c = manifest.get("counts", {})
         dataset = (f"{c.get('tiles', '?')} tiles of {manifest['tile_size']} px from {c.get('images_ok', '?')} images; "

@@ -34,7 +34,8 @@ def _fails(capsys, argv, match: str):
 def test_convert_comfy_latent(tmp_path, xl_home, ref_io, capsys):
     x, expected = ref_io("xl-to-v1")
     write_latent(tmp_path / "in.latent", x)
-    assert main(["convert", str(tmp_path / "in.latent"), str(tmp_path / "out.latent"), "--src", "sdxl", "--dst", "v1"]) == 0
+    args = ["convert", str(tmp_path / "in.latent"), str(tmp_path / "out.latent"), "--src", "sdxl", "--dst", "v1"]
+    assert main(args) == 0
     assert "xl -> v1 (raw): (2, 4, 16, 24) -> (2, 4, 16, 24)" in capsys.readouterr().out
     saved = load_file(str(tmp_path / "out.latent"))
     assert set(saved) == {"latent_tensor", "latent_format_version_0"}  # ComfyUI LoadLatent reads it as raw

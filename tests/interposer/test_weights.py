@@ -57,7 +57,8 @@ def test_found_in_interposer_home(where, isolated_home, reference, ref_io):
         (isolated_home / "v4.0").mkdir()
         shutil.copy(_released(reference), isolated_home / "v4.0")
     else:
-        save_interposer(load_interposer("xl", "v1", weights=_released(reference)), isolated_home / "xl-to-v1", "xl", "v1")
+        model = load_interposer("xl", "v1", weights=_released(reference))
+        save_interposer(model, isolated_home / "xl-to-v1", "xl", "v1")
     model = load_interposer("sdxl", "sd15")
     assert model.source.startswith(str(isolated_home))
     x, expected = ref_io("xl-to-v1")
@@ -94,12 +95,14 @@ def test_hub_cache_is_used_offline(tmp_path, reference, ref_io):
 
 
 def test_missing_offline_names_file_and_folder(isolated_home):
-    with pytest.raises(WeightsNotFoundError, match=rf"HF_HUB_OFFLINE is set.*xl-to-v1_interposer-v4.0.safetensors.*{isolated_home}"):
+    expected = rf"HF_HUB_OFFLINE is set.*xl-to-v1_interposer-v4.0.safetensors.*{isolated_home}"
+    with pytest.raises(WeightsNotFoundError, match=expected):
         load_interposer("xl", "v1")
 
 
 def test_unreleased_pair_lists_released_ones():
-    with pytest.raises(WeightsNotFoundError, match=r"no released interposer for v1 -> wan.*released pairs: v1->xl, xl->v1"):
+    expected = r"no released interposer for v1 -> wan.*released pairs: v1->xl, xl->v1"
+    with pytest.raises(WeightsNotFoundError, match=expected):
         load_interposer("v1", "wan")
 
 
