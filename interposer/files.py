@@ -9,7 +9,8 @@ from typing import Callable
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
-    """Call write(tmp) on a temporary path beside `path`, then rename it into place."""
+    """Call write(tmp) on a temporary path beside `path`, then rename it into place. The temporary is named
+    `.NAME.*.tmp`, so a cleaner can find what a killed process left (pipeline.store.Store.remove_temporaries)."""
     path = Path(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"{path.parent}: output folder does not exist")
@@ -22,3 +23,15 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_bytes_durably(path: str | Path, data: bytes) -> Path:
+    """Write `data` to `path` atomically and fsync it first: once this returns, a crash cannot lose it."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    return atomic_write(path, write)

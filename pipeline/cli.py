@@ -29,13 +29,14 @@ def _add_build(sub) -> None:
     p.add_argument("--out", required=True, help="dataset folder or URI (s3://...)")
     p.add_argument("--tile-size", type=int, default=1024, help="tile side in pixels, a multiple of 64 (default 1024)")
     p.add_argument("--max-tiles", type=int, default=6, help="tiles per image at most (default 6)")
-    p.add_argument("--min-size", type=int, default=512,
+    p.add_argument("--min-size", type=int, default=None,
                    help="skip images whose short side is below this; smaller than --tile-size ones are enlarged "
-                   "(default 512)")
+                   "(default: half of --tile-size, 512 for 1024 px tiles)")
     p.add_argument("--max-pixels", type=int, default=1 << 28,
                    help="skip images with more pixels as decompression bombs (default 268435456)")
     p.add_argument("--shard-size", type=int, default=64,
-                   help="unique images per shard, the unit of resume (default 64)")
+                   help="listed files per shard on average: the unit of work, of resume and of the files a trainer "
+                   "rank reads (default 64)")
     _add_encoding_flags(p)
     p.add_argument("--latent", choices=("mean", "sample"), default="mean",
                    help="store the encoder distribution's mean (default) or a sample seeded by tile key")
@@ -47,13 +48,24 @@ def _add_encoding_flags(p) -> None:
     p.add_argument("--batch-size", type=int, default=6,
                    help="tiles per VAE forward pass; only one image's tiles share a pass (default 6)")
     p.add_argument("--workers", type=int, default=0,
-                   help="encoder actors (default 0: one per GPU in the cluster, or 1 without GPUs)")
+                   help="encoder actors (default 0: one per GPU, growing as a cluster's GPU nodes join; 1 without GPUs)")
     p.add_argument("--gpus-per-worker", type=float, default=-1,
-                   help="GPUs per encoder actor (default: 1 when the cluster has GPUs, else 0)")
+                   help="GPUs per encoder actor; 0 encodes on CPU (default: 1 on a machine with a GPU or on a cluster "
+                   "(RAY_ADDRESS), where the build waits for the autoscaler's GPU nodes; else 0)")
+    p.add_argument("--gpu-wait", type=float, default=900, metavar="SECONDS",
+                   help="on a cluster with no GPU up yet, how long to wait for the autoscaler (default 900)")
+    p.add_argument("--decode-threads", type=int, default=3,
+                   help="image decode threads in each GPU encoder actor; it asks Ray for 1 CPU more than this "
+                   "(default 3)")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="encoder precision (default auto: bfloat16 on GPU, float32 on CPU); NaN/inf tiles are "
                    "retried in float32")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+
+
+def _encode_options(args) -> dict:
+    return dict(batch_size=args.batch_size, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+                dtype=args.dtype, gpu_wait=args.gpu_wait, decode_threads=args.decode_threads, quiet=args.quiet)
 
 
 def _cmd_build(args) -> int:
@@ -61,9 +73,8 @@ def _cmd_build(args) -> int:
 
     build(BuildConfig(images=args.images, spaces=args.space, out=args.out, tile_size=args.tile_size,
                       max_tiles=args.max_tiles, min_size=args.min_size, max_pixels=args.max_pixels,
-                      shard_size=args.shard_size, batch_size=args.batch_size, workers=args.workers,
-                      gpus_per_worker=args.gpus_per_worker, dtype=args.dtype, latent=args.latent,
-                      store_std=args.store_std, quiet=args.quiet))
+                      shard_size=args.shard_size, latent=args.latent, store_std=args.store_std,
+                      **_encode_options(args)))
     return 0
 
 
@@ -81,8 +92,7 @@ def _add_add_space(sub) -> None:
 def _cmd_add_space(args) -> int:
     from .build import AddSpaceConfig, add_space
 
-    add_space(AddSpaceConfig(data=args.data, space=args.space, batch_size=args.batch_size, workers=args.workers,
-                             gpus_per_worker=args.gpus_per_worker, dtype=args.dtype, quiet=args.quiet))
+    add_space(AddSpaceConfig(data=args.data, space=args.space, **_encode_options(args)))
     return 0
 
 

@@ -1,5 +1,6 @@
 """VAEs: resolving a space's VAE source, loading it with the registry's diffusers class, fingerprinting
-its weights, and `TileEncoder`, the plain callable class Ray Data maps over images (no Ray import here).
+its weights, and `TileEncoder`, which encodes one image's tiles with every VAE (no Ray import here; a
+`pipeline.shards.ShardWorker` holds one).
 
     >>> enc = TileEncoder([VAESpec("v1", "path/to/vae", None, "float32")], device="cpu")
     >>> out = enc.encode(tiles)          # tiles: (N, T, T, 3) uint8 -> {"v1": (latents, stds, ok)}
@@ -64,7 +65,8 @@ def fingerprint(vae: torch.nn.Module) -> str:
     for name, t in sorted(vae.state_dict().items()):
         t = t.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        # reshape(-1): a 0-dim tensor (BatchNorm's num_batches_tracked in Flux.2, Cascade) cannot be viewed as bytes
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return "sha256:" + h.hexdigest()
 
 
@@ -111,8 +113,8 @@ def tile_seed(key: str) -> int:
 class TileEncoder:
     """Loads each space's VAE once, then encodes (N, T, T, 3) uint8 tiles with all of them.
 
-    This is the class Ray Data maps with an actor pool (`pipeline.build`), and what `bench/encode.py`
-    calls in a bare loop. `__call__` takes and returns Ray Data batches (dicts of numpy arrays)."""
+    A `pipeline.shards.ShardWorker` (what Ray Data maps over shards) holds one; `bench/encode.py` calls it
+    in a bare loop."""
 
     def __init__(self, specs: list[VAESpec], device: str | None = None, batch_size: int = 6):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -162,9 +164,3 @@ class TileEncoder:
                 finite[j] = bool(torch.isfinite(latents[j]).all() and (stds is None or torch.isfinite(stds[j]).all()))
             out[spec.space] = (latents.numpy(), stds.numpy() if stds is not None else None, finite.numpy())
         return out
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Ray Data batch of images (see pipeline.build.cut_batch) -> the same rows with latents added."""
-        from .rows import encode_rows
-
-        return encode_rows(self, batch)

@@ -1,102 +1,86 @@
-"""The per-image row functions Ray Data maps (plain numpy in, plain numpy out; no Ray import here).
+"""Per-image functions the workers run (plain numpy and Pillow; no Ray import here).
 
-    hash_batch   {uri}                       -> + image_id, bytes, status       (index stage, CPU tasks)
-    cut_batch    {image_id, uri, shard}      -> + size, boxes, pixels, status   (decode + tile, CPU tasks)
-    encode_rows  + pixels                    -> + latents of every space         (TileEncoder actors)
-
-A row is one image; its tiles travel together, so the VAE's batching depends only on that image.
+    hash_batch     {uri, status}   -> + image_id, bytes, shard       (index stage: Ray Data tasks)
+    cut_image      (uri, image_id) -> placement + (N, T, T, 3) tiles  (encode stage: inside a ShardWorker)
+    cut_one        the same as one flat row (evaluation and tests re-derive a stored tile with it)
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
+from dataclasses import dataclass
 
 import numpy as np
 
-from .images import DEFAULT_MAX_PIXELS, Skip, image_tiles
-from .schema import tile_key
+from .images import DEFAULT_MAX_PIXELS, Placement, Skip, image_tiles
+from .schema import shard_of
 from .sources import read_uri
 
 
-def hash_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    ids, sizes, status = [], [], []
-    for uri in batch["uri"]:
-        try:
-            data = read_uri(str(uri))
-            ids.append(hashlib.sha256(data).hexdigest())
-            sizes.append(len(data))
-            status.append("ok")
-        except (OSError, ValueError):  # permissions, vanished file, unreachable object
-            ids.append("")
-            sizes.append(-1)
-            status.append("unreadable")
+def hash_batch(batch: dict[str, np.ndarray], shards: int) -> dict[str, np.ndarray]:
+    """Read and sha256 each listed file once; place it in its shard. An unreadable file (or a bad file name)
+    is placed by the hash of its URI, so every listed file is recorded in exactly one index part."""
+    ids, sizes, status, shard = [], [], [], []
+    for uri, listed in zip(batch["uri"], batch["status"]):
+        uri, image_id, size = str(uri), "", -1
+        if listed:  # bad_file_name: not read
+            state = str(listed)
+        else:
+            try:
+                data = read_uri(uri)
+                image_id, size, state = hashlib.sha256(data).hexdigest(), len(data), "ok"
+            except (OSError, ValueError):  # permissions, vanished file, unreachable object
+                state = "unreadable"
+        ids.append(image_id)
+        sizes.append(size)
+        status.append(state)
+        shard.append(shard_of(image_id or hashlib.sha256(f"uri:{uri}".encode()).hexdigest(), shards))
     return {"uri": batch["uri"], "image_id": np.array(ids, dtype=object), "bytes": np.array(sizes, np.int64),
-            "status": np.array(status, dtype=object)}
+            "status": np.array(status, dtype=object), "shard": np.array(shard, np.int64)}
+
+
+@dataclass(frozen=True)
+class CutParams:
+    """How a dataset cuts its tiles (the manifest's identity fields)."""
+
+    tile_size: int
+    max_tiles: int
+    min_size: int
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+
+@dataclass
+class Cut:
+    status: str  # "ok" or a skip reason (schema.SKIP_REASONS)
+    placement: Placement | None = None
+    tiles: np.ndarray | None = None  # (N, T, T, 3) uint8
+
+
+def cut_image(uri: str, image_id: str, params: CutParams) -> Cut:
+    """Read one indexed image, check it is still the indexed bytes, decode it and cut its tiles."""
+    try:
+        data = read_uri(uri)
+    except OSError:
+        return Cut("unreadable")
+    if hashlib.sha256(data).hexdigest() != image_id:  # the file changed since it was indexed
+        return Cut("unreadable")
+    try:
+        placement, tiles = image_tiles(data, params.tile_size, params.max_tiles, params.min_size, params.max_pixels)
+    except Skip as e:
+        return Cut(e.reason)
+    return Cut("ok", placement, tiles)
 
 
 def cut_one(uri: str, image_id: str, tile_size: int, max_tiles: int, min_size: int,
             max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
     """One image's row: its placement and (N, T, T, 3) uint8 tiles as bytes, or its skip reason."""
-    row = dict(status="ok", width=0, height=0, resized_width=0, resized_height=0, indices="[]", boxes="[]",
+    cut = cut_image(uri, image_id, CutParams(tile_size, max_tiles, min_size, max_pixels))
+    row = dict(status=cut.status, width=0, height=0, resized_width=0, resized_height=0, indices="[]", boxes="[]",
                pixels=b"")
-    try:
-        data = read_uri(uri)
-    except OSError:
-        return dict(row, status="unreadable")
-    if hashlib.sha256(data).hexdigest() != image_id:  # the file changed since it was indexed
-        return dict(row, status="unreadable")
-    try:
-        placement, tiles = image_tiles(data, tile_size, max_tiles, min_size, max_pixels)
-    except Skip as e:
-        return dict(row, status=e.reason)
-    return dict(row, width=placement.width, height=placement.height, resized_width=placement.resized_width,
-                resized_height=placement.resized_height, indices=json.dumps(list(placement.indices)),
-                boxes=json.dumps([list(b) for b in placement.boxes]), pixels=tiles.tobytes())
-
-
-def cut_batch(batch: dict[str, np.ndarray], tile_size: int, max_tiles: int, min_size: int,
-              max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, np.ndarray]:
-    rows = [cut_one(str(u), str(i), tile_size, max_tiles, min_size, max_pixels)
-            for u, i in zip(batch["uri"], batch["image_id"])]
-    out = {k: batch[k] for k in ("image_id", "uri", "shard")}
-    for key in rows[0] if rows else ():
-        values = [r[key] for r in rows]
-        out[key] = np.array(values, dtype=object if isinstance(values[0], (str, bytes)) else np.int64)
-    return out
-
-
-def encode_rows(encoder, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Adds lat_{space} (fp16 bytes of the kept tiles), std_{space}, kept (tile indices) and
-    nonfinite_{space} (tiles this VAE dropped) to each image row; drops the pixels."""
-    out = {k: v for k, v in batch.items() if k != "pixels"}
-    n = len(batch["image_id"])
-    kept_col = []
-    cols: dict[str, list] = {}
-    for r in range(n):
-        indices = json.loads(batch["indices"][r])
-        keys = [tile_key(str(batch["image_id"][r]), i) for i in indices]
-        pixels = np.frombuffer(batch["pixels"][r], np.uint8)
-        if not indices:
-            kept_col.append("[]")
-            for spec in encoder.specs:
-                cols.setdefault(f"lat_{spec.space}", []).append(b"")
-                cols.setdefault(f"std_{spec.space}", []).append(b"")
-                cols.setdefault(f"nonfinite_{spec.space}", []).append(0)
-            continue
-        side = math.isqrt(pixels.size // (3 * len(indices)))  # tiles are square
-        tiles = pixels.reshape(len(indices), side, side, 3)
-        encoded = encoder.encode(tiles, keys)
-        ok = np.ones(len(indices), bool)
-        for _lat, _std, finite in encoded.values():
-            ok &= finite
-        kept_col.append(json.dumps([i for i, good in zip(indices, ok) if good]))
-        for space, (lat, std, finite) in encoded.items():
-            cols.setdefault(f"lat_{space}", []).append(lat[ok].tobytes())
-            cols.setdefault(f"std_{space}", []).append(std[ok].tobytes() if std is not None else b"")
-            cols.setdefault(f"nonfinite_{space}", []).append(int((~finite).sum()))
-    out["kept"] = np.array(kept_col, dtype=object)
-    for key, values in cols.items():
-        out[key] = np.array(values, dtype=np.int64 if key.startswith("nonfinite_") else object)
-    return out
+    if cut.placement is None:
+        return row
+    p = cut.placement
+    return dict(row, width=p.width, height=p.height, resized_width=p.resized_width, resized_height=p.resized_height,
+                indices=json.dumps(list(p.indices)), boxes=json.dumps([list(b) for b in p.boxes]),
+                pixels=cut.tiles.tobytes())

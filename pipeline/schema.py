@@ -3,8 +3,11 @@
 A dataset is a folder (local or any pyarrow filesystem URI):
 
     DIR/manifest.json                    what was built, from what, with which VAEs (this module's Manifest)
-    DIR/index.parquet                    every listed source: uri, image_id (sha256 of its bytes), shard
-    DIR/images/part-00000.parquet        one row per unique image of the shard: size, tiles, status/skip reason
+    DIR/index/part-00000.parquet         every listed source of the shard: uri, image_id (sha256 of its bytes),
+                                         status (ok, duplicate, unreadable, bad_file_name)
+    DIR/images/part-00000.parquet        one row per unique image of the shard: size, tiles, status/skip reason;
+                                         written last, so it marks the shard done; its footer holds the
+                                         shard's counts (shard_summary)
     DIR/tiles/part-00000.parquet         one row per tile: key, image id, source uri, tile index, box
     DIR/latents/{space}/part-00000.parquet   tile_key + latent (fp16 arrow.fixed_shape_tensor (C, h, w)),
                                          rows in the same order as tiles/part-00000.parquet
@@ -15,15 +18,19 @@ Everything is readable with plain pyarrow (no Ray):
     >>> t = pq.read_table("DIR/latents/xl/part-00000.parquet")
     >>> t["latent"].combine_chunks().to_numpy_ndarray().shape      # (N, 4, 128, 128) float16
 
-Shards are fixed groups of unique images (sorted by image id), so a shard's files depend only on the data:
-rebuilding, resuming after a crash, or adding a space produces the same bytes. Every file is written to a
-temporary name and renamed into place, so a file under its real name is always complete.
+Shards are ranges of the sha256 space: an image's shard is `shard_of(image_id, shards)`, with
+`shards = ceil(listed files / shard_size)`, so a shard holds `shard_size` images on average (not exactly),
+every worker can place an image without asking anyone, and shard order is image-id order. A shard's files
+depend only on the data: rebuilding, resuming after a crash, or adding a space produces the same bytes.
+Every file is written to a temporary name and renamed into place, so a file under its real name is always
+complete.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -31,12 +38,17 @@ import numpy as np
 import pyarrow as pa
 
 FORMAT = "latent-interposer-dataset"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
-INDEX = "index.parquet"
+SUMMARY_KEY = b"interposer.shard"  # images/part-*.parquet footer: the shard's counts as JSON
 
-INDEX_SCHEMA = pa.schema([("uri", pa.string()), ("image_id", pa.string()), ("bytes", pa.int64()),
-                          ("shard", pa.int32())])
+INDEX_SCHEMA = pa.schema([
+    ("uri", pa.string()),
+    ("image_id", pa.string()),  # sha256 hex of the bytes; "" when unreadable
+    ("bytes", pa.int64()),  # file size; -1 when unreadable
+    ("status", pa.string()),  # "ok" (encoded), "duplicate" (same bytes as an earlier URI), "unreadable",
+    #                           "bad_file_name" (not valid UTF-8; the uri is backslash-escaped)
+])  # fmt: skip
 IMAGES_SCHEMA = pa.schema([
     ("image_id", pa.string()),  # sha256 hex of the file's bytes
     ("uri", pa.string()),  # the source it was read from (the first in sort order, for duplicates)
@@ -70,6 +82,15 @@ def tile_key(image_id: str, tile_index: int) -> str:
 
 def part_name(shard: int) -> str:
     return f"part-{shard:05d}.parquet"
+
+
+def shard_of(key: str, shards: int) -> int:
+    """The shard of a sha256 hex key: shard s holds keys in [s, s+1) * 2**64 / shards (top 64 bits)."""
+    return (int(key[:16], 16) * shards) >> 64
+
+
+def index_path(shard: int) -> str:
+    return f"index/{part_name(shard)}"
 
 
 def images_path(shard: int) -> str:
@@ -141,7 +162,9 @@ class Manifest:
     shard_size: int
     sources: list[str]
     spaces: dict[str, SpaceEntry]
-    shards: int = 0
+    shards: int = 0  # set once the index is written: ceil(listed / shard_size)
+    indexed: bool = False  # index/ is complete (listing and hashing are not repeated)
+    index_counts: dict[str, Any] = field(default_factory=dict)  # listed, unique_images, duplicates, {reason: n}
     counts: dict[str, Any] = field(default_factory=dict)  # listed, unique, images_ok, tiles, skipped{reason: n}
     args: dict[str, Any] = field(default_factory=dict)  # the resolved command-line arguments
     complete: bool = False
@@ -175,3 +198,21 @@ class Manifest:
         """sha256 of the identity and each space's VAE: what a trainer checkpoint pins."""
         ident = dict(self.identity(), spaces={k: (v.fingerprint, v.dtype, v.latent) for k, v in self.spaces.items()})
         return "sha256:" + hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+
+def read_manifest(data: str, flag: str = "--data") -> Manifest:
+    """The manifest of the dataset at `data` (a folder or pyarrow filesystem URI); one line if there is none."""
+    import pyarrow.fs as pafs
+
+    root = data if "://" in data else str(Path(data).expanduser().resolve())
+    fs, base = pafs.FileSystem.from_uri(root)
+    path = f"{base.rstrip('/')}/{MANIFEST}"
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        raise FileNotFoundError(f"{flag} {data}: no {MANIFEST}; not a dataset (build one with `interposer data build`)")
+    with fs.open_input_stream(path) as f:
+        return Manifest.from_json(f.read().decode(), f"{data}/{MANIFEST}")
+
+
+def shard_summary(metadata: dict[bytes, bytes] | None) -> dict[str, Any]:
+    """The counts a shard's images file carries in its footer (see SUMMARY_KEY)."""
+    return json.loads((metadata or {}).get(SUMMARY_KEY, b"{}"))

@@ -27,20 +27,27 @@ def is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _walk(folder: Path) -> tuple[list[str], int]:
-    found, bad_names = [], 0
+def _escaped(path: str) -> str:
+    """A file name that is not valid UTF-8 (os keeps such bytes as surrogates), backslash-escaped."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _entry(path: str) -> dict[str, str]:
+    """One listed file: {"uri", "status"} with status "" or "bad_file_name"."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return {"uri": _escaped(path), "status": "bad_file_name"}
+    return {"uri": os.path.abspath(path), "status": ""}
+
+
+def _walk(folder: str, recursive: bool = True) -> list[dict[str, str]]:
+    found = []
     for dirpath, _dirs, files in os.walk(folder, followlinks=False):
-        for name in files:
-            if not is_image_name(name):
-                continue
-            path = os.path.join(dirpath, name)
-            try:
-                path.encode("utf-8")
-            except UnicodeEncodeError:  # a file name that is not valid UTF-8 (kept as surrogates by os)
-                bad_names += 1
-                continue
-            found.append(os.path.abspath(path))
-    return found, bad_names
+        found.extend(_entry(os.path.join(dirpath, n)) for n in files if is_image_name(n))
+        if not recursive:
+            break
+    return found
 
 
 def _listing(path: Path) -> list[str]:
@@ -73,29 +80,53 @@ def _remote(uri: str) -> list[str]:
     return [f"{scheme}://{i.path}" for i in infos if i.type == pafs.FileType.File and is_image_name(i.path)]
 
 
-def list_sources(specs: list[str]) -> tuple[list[str], dict[str, int]]:
-    """(sorted unique URIs, {skip reason: count}) for the given source specs."""
-    uris: set[str] = set()
-    skipped: dict[str, int] = {}
+def check_sources(specs: list[str]) -> None:
+    """Fail fast (before any Ray start-up) on a local source that does not exist."""
     for spec in specs:
-        path = Path(spec).expanduser()
-        if "://" in spec:
-            uris.update(_remote(spec))
-        elif path.is_dir():
-            found, bad = _walk(path)
-            uris.update(found)
-            if bad:
-                skipped["bad_file_name"] = skipped.get("bad_file_name", 0) + bad
-        elif path.is_file() and path.suffix.lower() in LISTING_EXTENSIONS:
-            uris.update(_listing(path))
-        elif path.is_file():
-            uris.add(str(path.resolve()))
-        elif glob.has_magic(spec):
-            matches = [os.path.abspath(p) for p in glob.glob(os.path.expanduser(spec), recursive=True)]
-            uris.update(p for p in matches if os.path.isfile(p) and is_image_name(p))
-        else:
+        if "://" not in spec and not glob.has_magic(spec) and not Path(spec).expanduser().exists():
             raise FileNotFoundError(f"image source not found: {spec} (a folder, glob, listing file or URI)")
-    return sorted(uris), skipped
+
+
+def split_source(spec: str) -> list[dict[str, str]]:
+    """A source -> pieces that can be listed in parallel (one Ray task each): a local folder becomes its own
+    files plus one recursive walk per subfolder; anything else is one piece."""
+    path = Path(spec).expanduser()
+    if "://" in spec or not path.is_dir():
+        return [{"kind": "spec", "path": spec}]
+    subdirs = sorted(e.path for e in os.scandir(path) if e.is_dir(follow_symlinks=False))
+    return [{"kind": "top", "path": str(path)}] + [{"kind": "walk", "path": d} for d in subdirs]
+
+
+def list_piece(kind: str, path: str) -> list[dict[str, str]]:
+    """The files of one piece from split_source(), as {"uri", "status"} rows (not sorted, not unique)."""
+    if kind == "top":
+        return _walk(path, recursive=False)
+    if kind == "walk":
+        return _walk(path)
+    spec, local = path, Path(path).expanduser()
+    if "://" in spec:
+        return [{"uri": u, "status": ""} for u in _remote(spec)]
+    if local.is_file() and local.suffix.lower() in LISTING_EXTENSIONS:
+        return [{"uri": u, "status": ""} for u in _listing(local)]
+    if local.is_file():
+        return [{"uri": str(local.resolve()), "status": ""}]
+    if glob.has_magic(spec):
+        matches = [os.path.abspath(p) for p in glob.glob(os.path.expanduser(spec), recursive=True)]
+        return [_entry(p) for p in matches if os.path.isfile(p) and is_image_name(p)]
+    raise FileNotFoundError(f"image source not found: {spec} (a folder, glob, listing file or URI)")
+
+
+def list_sources(specs: list[str]) -> tuple[list[str], dict[str, int]]:
+    """(sorted unique URIs, {skip reason: count}) for the given source specs, in this process. `data build`
+    lists the same pieces on Ray workers instead (pipeline.index)."""
+    check_sources(specs)
+    uris: set[str] = set()
+    bad: set[str] = set()
+    for spec in specs:
+        for piece in split_source(spec):
+            for row in list_piece(piece["kind"], piece["path"]):
+                (bad if row["status"] else uris).add(row["uri"])
+    return sorted(uris), ({"bad_file_name": len(bad)} if bad else {})
 
 
 def read_uri(uri: str) -> bytes:

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import io
 import os
-import uuid
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+from interposer.files import write_bytes_durably
 
 PARQUET_OPTIONS = dict(compression="zstd", write_statistics=False)  # same table -> same bytes
 
@@ -56,34 +57,36 @@ class Store:
     def read_table(self, rel: str) -> pa.Table:
         return pq.read_table(pa.BufferReader(self.read_bytes(rel)))
 
+    def read_footer(self, rel: str) -> pq.FileMetaData:
+        """A Parquet file's footer (row count, key-value metadata) without reading its data."""
+        with self.fs.open_input_file(self.path(rel)) as f:
+            return pq.read_metadata(f)
+
+    def remove_folder(self, rel: str) -> None:
+        self.fs.delete_dir_contents(self.path(rel), missing_dir_ok=True)
+
     def write_bytes(self, rel: str, data: bytes) -> None:
         target = self.path(rel)
-        parent = target.rsplit("/", 1)[0]
-        tmp = f"{parent}/.{target.rsplit('/', 1)[1]}.{uuid.uuid4().hex[:8]}.tmp"
         try:
-            self.fs.create_dir(parent, recursive=True)
-            if not self.local:
+            self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+            if self.local:
+                write_bytes_durably(target, data)
+            else:  # object stores make an object visible only once its upload completes
                 with self.fs.open_output_stream(target) as f:
                     f.write(data)
-                return
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
         except OSError as e:  # disk full, read-only, a file where a folder should be: say which file
-            Path(tmp).unlink(missing_ok=True)
             raise StoreWriteError(f"cannot write {target}: {e.strerror or e}; nothing half-written was left, "
                                   "fix this and rerun the same command to go on") from e
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
 
     def write_table(self, rel: str, table: pa.Table) -> None:
         self.write_bytes(rel, table_bytes(table))
 
+    def shards_present(self, folder: str) -> set[int]:
+        """Shard numbers with a part-NNNNN.parquet file in `folder`, from one listing."""
+        return {int(n[5:-8]) for n in self.list(folder) if n.startswith("part-") and n.endswith(".parquet")}
+
     def list(self, rel: str) -> list[str]:
-        """Names of the files directly in folder `rel` (no temporaries)."""
+        """Names of the files directly in folder `rel` (no temporaries): one listing call, not one per file."""
         infos = self.fs.get_file_info(pafs.FileSelector(self.path(rel), allow_not_found=True))
         return sorted(i.base_name for i in infos if i.type == pafs.FileType.File and not i.base_name.startswith("."))
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from interposer.spaces import get_space
-from pipeline.schema import MANIFEST, Manifest, latents_path, read_latents, tiles_path
+from pipeline.schema import Manifest, latents_path, read_latents, read_manifest, tiles_path
 from pipeline.store import Store
 
 
@@ -24,13 +24,6 @@ class PairData:
     src: torch.Tensor  # (N, Cs, Hs, Ws) float16, raw latents
     dst: torch.Tensor  # (N, Cd, Hd, Wd) float16
     image_ids: list[str]
-
-
-def read_manifest(data: str) -> Manifest:
-    store = Store(data)
-    if not store.exists(MANIFEST):
-        raise FileNotFoundError(f"--data {data}: no {MANIFEST}; build one with `interposer data build`")
-    return Manifest.from_json(store.read_bytes(MANIFEST).decode(), f"{data}/{MANIFEST}")
 
 
 def check_pair(manifest: Manifest, data: str, src: str, dst: str) -> None:

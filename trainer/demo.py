@@ -46,6 +46,7 @@ def run_demo(out: str | Path, quick: bool = False) -> dict[str, Path]:
     """Run every stage into `out`; returns where each artefact is."""
     import ray
     import skimage
+    import torch
 
     from pipeline.build import BuildConfig, build, start_ray
     from pipeline.standins import make_standin_vae
@@ -79,7 +80,8 @@ def run_demo(out: str | Path, quick: bool = False) -> dict[str, Path]:
         t = _stage(2, f"interposer data build: {len(photos)} photographs -> 128 px tiles -> v1 and xl latents")
         art["dataset"] = out / "data" / "v1-xl"
         build(BuildConfig(images=[str(art["images"])], spaces=[f"v1={vaes['v1']}", f"xl={vaes['xl']}"],
-                          out=str(art["dataset"]), tile_size=128, max_tiles=6, min_size=128, shard_size=2))
+                          out=str(art["dataset"]), tile_size=128, max_tiles=6, min_size=128, shard_size=2,
+                          gpus_per_worker=1 if torch.cuda.is_available() else 0))  # stand-ins: no cluster GPUs
         _done(t, f"dataset: {art['dataset']}")
 
         t = _stage(3, "interposer train xl -> v1 on 2 Ray Train workers, killed once on purpose and resumed")

@@ -72,12 +72,12 @@ def test_every_bad_input_is_used_or_skipped_with_its_reason(ray_session, corpus,
     manifest = build(BuildConfig(images=[str(folder)], spaces=[f"v1={vaes['v1']}"], out=str(out), tile_size=64,
                                  max_tiles=2, min_size=32, max_pixels=4_000_000, shard_size=4, quiet=True))
     images = {os.path.basename(r["uri"]): r for r in pq.read_table(out / "images").to_pylist()}
-    index = {os.path.basename(r["uri"]): r for r in pq.read_table(out / "index.parquet").to_pylist()}
+    index = {os.path.basename(r["uri"]): r for r in pq.read_table(out / "index").to_pylist()}
     for name, outcome in expected.items():
-        status = images[name]["status"] if name in images else ("unreadable" if index[name]["image_id"] == ""
-                                                                 else "duplicate")
+        status = images[name]["status"] if name in images else index[name]["status"]
         assert status == outcome, (name, status)
-    assert index["twin-b.png"]["shard"] == -1 and "twin-b.png" not in images  # encoded once
+    assert index["twin-b.png"]["status"] == "duplicate" and "twin-b.png" not in images  # encoded once
+    assert [r["status"] for r in index.values()].count("bad_file_name") == 1
     assert (images["rotated.jpg"]["width"], images["rotated.jpg"]["height"]) == (80, 120)  # EXIF applied
     c = manifest.counts
     assert c["skipped"] == {"bad_file_name": 1, "corrupt": 3, "decompression_bomb": 1, "not_an_image": 2,
