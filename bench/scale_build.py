@@ -69,8 +69,12 @@ def one_build(folders: list[str], vae: str, out: str, shard_size: int) -> dict:
                                  min_size=32, shard_size=shard_size, gpus_per_worker=0, quiet=True))
     wall = time.perf_counter() - start
     run = manifest.run_stats
+    # durable = on disk: the first images file (each shard's last file) by its mtime, against the moment the
+    # first worker began a shard (wall clock, same machine)
+    first_file = min(p.stat().st_mtime for p in Path(out).glob("images/part-*.parquet"))
     return dict(wall=wall, index=stages["index"], encode=run["seconds"], tiles=run["tiles"], shards=run["shards"],
-                first_shard=run["first_shard_after_encoding"], shard_time=run["median_shard_seconds"],
+                steady=run["steady_seconds"] / max(run["steady_tiles"], 1),
+                first_shard=first_file - run["first_began"], shard_time=run["median_shard_seconds"],
                 peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
@@ -109,22 +113,29 @@ def main() -> None:
             r = json.loads(result[0][7:]) | dict(n=n)
             rows.append(r)
             print(f"N={n:6d}: {r['tiles']} tiles in {r['shards']} shards; wall {r['wall']:.1f} s "
-                  f"({1e3 * r['wall'] / n:.2f} ms/image; index {1e3 * r['index'] / n:.2f}, encode "
-                  f"{1e3 * r['encode'] / n:.2f}); driver peak RSS {r['peak_rss_mb']:.0f} MB; first shard on disk "
-                  f"{r['first_shard']:.2f} s after encoding began = {r['first_shard'] / r['shard_time']:.2f} "
-                  f"shard-times ({r['shard_time']:.2f} s)", flush=True)
+                  f"({1e3 * r['wall'] / n:.2f} ms/image; index stage {1e3 * r['index'] / n:.2f}, encode stage "
+                  f"{1e3 * r['encode'] / n:.2f}, encode after the first shard {1e3 * r['steady']:.2f}); "
+                  f"driver peak RSS {r['peak_rss_mb']:.0f} MB; first shard on disk {r['first_shard']:.2f} s after "
+                  f"encoding began = {r['first_shard'] / r['shard_time']:.2f} shard-times ({r['shard_time']:.2f} s)",
+                  flush=True)
             shutil.rmtree(work / f"out-{n}")
         small, large = rows[0], rows[-1]
-        per = [(r["index"] + r["encode"]) / r["n"] for r in rows]
         rss_ok = large["peak_rss_mb"] <= 1.1 * small["peak_rss_mb"] + 50
-        spread = max(per) / min(per) - 1
+        # a build has a fixed start-up (Ray Data stages, actors, VAE load: ~10 s here) that a 1k-image build
+        # with a trivial encoder cannot hide; what must not grow with N is the cost of one more image:
+        # the marginal time between successive sizes, and the steady encode time per image
+        marginal = [(b["wall"] - a["wall"]) / (b["n"] - a["n"]) for a, b in zip(rows, rows[1:])]
+        steady = [r["steady"] for r in rows]
         first = max(r["first_shard"] / r["shard_time"] for r in rows)
-        print("\ngoal                                         measured                                 ok")
-        print(f"peak RSS at N={large['n']} <= 1.1 x N={small['n']} + 50 MB   "
-              f"{large['peak_rss_mb']:.0f} MB vs {1.1 * small['peak_rss_mb'] + 50:.0f} MB{'':20s}{rss_ok}")
-        print(f"(index + encode) per image within 20%       spread {100 * spread:.0f}% "
-              f"({', '.join(f'{1e3 * p:.2f}' for p in per)} ms){'':8s}{spread <= 0.2}")
-        print(f"first shard within 2 shard-times            worst {first:.2f} shard-times{'':19s}{first <= 2}")
+        print(f"\n{'goal':48s}{'measured':43s}ok")
+        goal = f"driver peak RSS at N={large['n']} <= 1.1 x N={small['n']} + 50 MB"
+        rss = f"{large['peak_rss_mb']:.0f} MB vs {1.1 * small['peak_rss_mb'] + 50:.0f} MB"
+        print(f"{goal:48s}{rss:43s}{rss_ok}")
+        for name, values in (("marginal wall time per image", marginal), ("steady encode time per image", steady)):
+            spread = max(values) / min(values) - 1 if len(values) > 1 else 0.0
+            shown = ", ".join(f"{1e3 * v:.2f}" for v in values)
+            print(f"{name + ' within 20%':48s}{f'spread {100 * spread:.0f}% ({shown} ms)':43s}{spread <= 0.2}")
+        print(f"{'first shard durable within 2 shard-times':48s}{f'worst {first:.2f} shard-times':43s}{first <= 2}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -48,7 +48,8 @@ def _add_encoding_flags(p) -> None:
     p.add_argument("--batch-size", type=int, default=6,
                    help="tiles per VAE forward pass; only one image's tiles share a pass (default 6)")
     p.add_argument("--workers", type=int, default=0,
-                   help="encoder actors (default 0: one per GPU, growing as a cluster's GPU nodes join; 1 without GPUs)")
+                   help="encoder actors (default 0: one per GPU, growing as a cluster's GPU nodes join; "
+                   "1 without GPUs)")
     p.add_argument("--gpus-per-worker", type=float, default=-1,
                    help="GPUs per encoder actor; 0 encodes on CPU (default: 1 on a machine with a GPU or on a cluster "
                    "(RAY_ADDRESS), where the build waits for the autoscaler's GPU nodes; else 0)")

@@ -82,12 +82,13 @@ class Progress:
                     # from the moment a worker began encoding (VAEs loaded) to the first shard on disk
                     first_shard_after_encoding=(self.first_landed - self.first_began)
                     if self.first_landed is not None else None,
-                    median_shard_seconds=shard_time, steady_tiles=self.tiles - self.first_tiles,
-                    steady_seconds=now - first)
+                    first_began=self.first_began, median_shard_seconds=shard_time,
+                    steady_tiles=self.tiles - self.first_tiles, steady_seconds=now - first)
 
     def summary(self) -> str:
         s = self.stats()
-        text = f"this run {s['tiles']} tiles in {s['seconds']:.1f} s ({s['tiles'] / max(s['seconds'], 1e-9):.2f} tiles/s"
+        rate = s["tiles"] / max(s["seconds"], 1e-9)
+        text = f"this run {s['tiles']} tiles in {s['seconds']:.1f} s ({rate:.2f} tiles/s"
         if s["steady_seconds"] > 0 and s["shards"] > 1:
             text += f"; {s['steady_tiles'] / s['steady_seconds']:.2f} tiles/s after the first shard"
         return text + ")"

@@ -43,6 +43,7 @@ def start_ray(log_to_driver: bool = False) -> bool:
 def ray_for_data():
     """(ray, started): Ray up, with Ray Data's own progress bars off (the build prints its own)."""
     import ray
+    from ray.data.context import ShuffleStrategy
 
     started = start_ray()
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # "execution finished" INFO lines, one per stage
@@ -51,6 +52,9 @@ def ray_for_data():
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     ctx.raise_original_map_exception = True  # a worker's StoreWriteError reaches the driver as itself (unwrap)
+    # the index's groupby: sort-based shuffle runs as tasks; the default hash shuffle starts aggregator actors,
+    # a fixed ~6 s that a small build feels (measured: 4k files indexed in 0.5 s warm vs 9 s)
+    ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     return ray, started
 
 

@@ -302,8 +302,9 @@ def test_every_registry_space_builds_with_a_stand_in_of_its_class(ray_session, p
     from interposer.spaces import SPACES
 
     codes = [s.code for s in SPACES]
-    manifest = build(BuildConfig(images=[str(photos)], spaces=[f"{c}={vaes[c]}" for c in codes], out=str(tmp_path / "all"),
-                                 tile_size=TILE, max_tiles=1, min_size=100, shard_size=8, quiet=True))
+    manifest = build(BuildConfig(images=[str(photos)], spaces=[f"{c}={vaes[c]}" for c in codes],
+                                 out=str(tmp_path / "all"), tile_size=TILE, max_tiles=1, min_size=100, shard_size=8,
+                                 quiet=True))
     assert manifest.counts["tiles"] == 5
     keys = pq.read_table(tmp_path / "all" / "tiles").column("tile_key").to_pylist()
     for space in SPACES:
