@@ -29,6 +29,8 @@ def _add_train(sub) -> None:
     p.add_argument("--gpu", action="store_true", default=None, help="one GPU per worker, bf16 autocast")
     p.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (default 1000)")
     p.add_argument("--eval-every", type=int, default=None, help="steps between validation L1 (default 1000)")
+    p.add_argument("--val-fraction", type=float, default=None,
+                   help="share of images held out for validation, chosen by image id (default 0.02; 0: none)")
     p.add_argument("--max-failures", type=int, default=None,
                    help="worker failures recovered from the latest checkpoint by Ray Train (default 3; -1: always)")
     p.add_argument("--seed", type=int, default=None, help="seed of every random draw (default 0)")
@@ -46,7 +48,7 @@ def _cmd_train(args) -> int:
     cfg = load_config(args.config, src=args.src, dst=args.dst, steps=args.steps, batch=args.batch, crop=args.crop,
                       workers=args.workers, gpu=args.gpu, checkpoint_every=args.checkpoint_every,
                       eval_every=args.eval_every, max_failures=args.max_failures, seed=args.seed,
-                      fallback_checkpoint=args.fallback_checkpoint)
+                      fallback_checkpoint=args.fallback_checkpoint, val_fraction=args.val_fraction)
     train(cfg, RunSpec(data=args.data, out=args.out, name=args.name, rev=args.rev))
     return 0
 

@@ -99,7 +99,12 @@ class TrainConfig:
 _CITY96 = {"steps": "steps", "batch": "batch", "fconst": "fconst", "p_loss_weight": "p_loss_weight",
            "r_loss_weight": "r_loss_weight", "b_loss_weight": "b_loss_weight", "h_loss_weight": "h_loss_weight"}
 _CITY96_IGNORED = ("dataset", "eval_model", "save_image", "cosine", "model.rev", "model.args.ch_in",
-                   "model.args.ch_out", "model.args.scale", "data", "eval", "save_every")
+                   "model.args.ch_out", "model.args.scale", "data", "eval", "save_every", "device", "resume")
+# what replaces an ignored key here, named in the warning
+_CITY96_INSTEAD = {"device": "--gpu", "resume": "rerun the same command to resume", "dataset": "--data",
+                   "data": "--data", "eval_model": "interposer eval", "save_every": "--checkpoint-every",
+                   "model.args.ch_in": "from --src", "model.args.ch_out": "from --dst",
+                   "model.args.scale": "from --src/--dst", "model.rev": "--rev"}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -138,7 +143,12 @@ def config_from_dict(raw: dict, where: str = "config", **overrides) -> TrainConf
     if unknown:
         raise ValueError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
     if ignored:
-        warnings.warn(f"{where}: ignoring key(s) that do not apply here: {', '.join(sorted(ignored))}", stacklevel=2)
+        def named(key: str) -> str:
+            instead = _CITY96_INSTEAD.get(key) or _CITY96_INSTEAD.get(key.split(".")[0])
+            return f"{key} ({instead})" if instead else key
+
+        listed = ", ".join(map(named, sorted(ignored)))
+        warnings.warn(f"{where}: ignoring key(s) that do not apply here: {listed}", stacklevel=2)
     values.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return TrainConfig(**values)

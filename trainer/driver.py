@@ -16,6 +16,7 @@ import json
 import os
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,11 +96,43 @@ def _check_resume(cfg: TrainConfig, spec: RunSpec, fingerprint: str) -> dict | N
     return record
 
 
+def _check_data(cfg: TrainConfig, data: str, manifest) -> bool:
+    """Settings this dataset makes impossible, refused before Ray starts (Ray Train would retry them as worker
+    failures); returns whether the validation split holds an image. Reads images files only until both
+    splits have one (usually the first shard)."""
+    from pipeline.schema import images_path
+    from pipeline.store import Store
+
+    from .data import is_validation
+
+    side = manifest.spaces[cfg.src].latent_shape[1:]
+    if cfg.crop > min(side):
+        raise ValueError(f"--crop {cfg.crop} is larger than the {cfg.src} latents of {data} ({side[0]}x{side[1]}, "
+                         f"from {manifest.tile_size} px tiles); pass --crop {min(side)} or less")
+    store, found, images = Store(data), {True: False, False: False}, 0
+    for shard in range(manifest.shards):
+        for r in store.read_table(images_path(shard)).to_pylist():
+            if r["status"] == "ok" and r["tiles"]:
+                images += 1
+                found[is_validation(r["image_id"], cfg.val_fraction)] = True
+        if all(found.values()):
+            break
+    if not found[False]:
+        raise ValueError(f"--val-fraction {cfg.val_fraction} holds out every image of {data} ({images}); "
+                         "pass a smaller --val-fraction")
+    if cfg.val_fraction and not found[True]:
+        warnings.warn(f"--val-fraction {cfg.val_fraction}: no image of {data} ({images} images) falls in the "
+                      "validation share; training without validation (a larger --val-fraction holds some out)",
+                      stacklevel=2)
+    return found[True]
+
+
 def train(cfg: TrainConfig, spec: RunSpec) -> Path | str:
     """Train (or resume, or find finished) the run OUT/NAME; returns the export folder."""
     manifest = read_manifest(spec.data)
     check_pair(manifest, spec.data, cfg.src, cfg.dst)
     fingerprint = pair_fingerprint(manifest, cfg.src, cfg.dst)
+    has_val = _check_data(cfg, spec.data, manifest)
     record = _check_resume(cfg, spec, fingerprint)
     store = _store(spec)
     export = f"{_run_dir(spec)}/{EXPORT}"
@@ -130,6 +163,7 @@ def train(cfg: TrainConfig, spec: RunSpec) -> Path | str:
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config=dict(cfg=cfg.to_dict(), data=spec.data, fingerprint=fingerprint, threads=cpus,
+                                   has_val=has_val,
                                    tensorboard=f"{_run_dir(spec)}/tensorboard" if _local(spec.out) else None),
             scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu, resources_per_worker=request),
             run_config=RunConfig(name=spec.name, storage_path=storage,

@@ -1,7 +1,8 @@
 """The function each Ray Train worker runs: load state (before DDP), step, report, checkpoint.
 
 Rank 0 writes checkpoints, validation and TensorBoard; every rank calls ray.train.report the same number of
-times. The arithmetic is trainer.step's, shared with the bare loop in bench/train.py.
+times and makes the same log/evaluate/checkpoint decision at every step (each one decides a collective).
+The arithmetic is trainer.step's, shared with the bare loop in bench/train.py.
 """
 
 from __future__ import annotations
@@ -77,8 +78,10 @@ def train_loop_per_worker(config: dict) -> None:
     unwrap = lambda m: getattr(m, "module", m)  # noqa: E731
     decoder = _decoder(cfg, config["data"], device) if cfg.decoded_loss_weight else None
 
+    # whether a step evaluates must be decided the same on every rank: it decides a collective below
+    has_val = config.get("has_val", bool(cfg.val_fraction))
     val = None
-    if rank == 0 and cfg.val_fraction:
+    if rank == 0 and has_val:
         val = load_pair(config["data"], cfg.src, cfg.dst, "val", cfg.val_fraction)
     writer = None
     if rank == 0 and config.get("tensorboard"):
@@ -98,7 +101,7 @@ def train_loop_per_worker(config: dict) -> None:
             preempted = ray.train.get_preemption_info() is not None  # a barrier: every rank asks
         save = done % cfg.checkpoint_every == 0 or done == cfg.steps or preempted
         log = done % cfg.log_every == 0 or save
-        evaluate = (done % cfg.eval_every == 0 or done == cfg.steps) and val is not None
+        evaluate = (done % cfg.eval_every == 0 or done == cfg.steps) and has_val  # the same on every rank
         if not (log or evaluate):
             continue
 

@@ -24,6 +24,8 @@ b_loss_weight: 1.0
 h_loss_weight: 0.0
 eval_model: xl-to-v1_interposer-v4.0.safetensors
 save_image: true
+device: cuda
+resume: null
 dataset:
   src: data/v1/latents.bin
   dst: data/xl/latents.bin
@@ -47,11 +49,14 @@ optim:
 def test_city96_yaml_is_accepted_naming_what_is_ignored(tmp_path):
     path = tmp_path / "v1-to-xl.yaml"
     path.write_text(CITY96_V1_TO_XL)
-    with pytest.warns(UserWarning, match=r"ignoring key\(s\) that do not apply here: cosine, dataset.dst, "
-                                         r"dataset.src, eval_model, model.args.ch_in"):
+    with pytest.warns(UserWarning, match=r"ignoring key\(s\) that do not apply here: cosine, dataset.dst \(--data\), "
+                                         r"dataset.src \(--data\), device \(--gpu\), eval_model \(interposer eval\), "
+                                         r"model.args.ch_in \(from --src\)"):
         cfg = load_config(path)
     assert (cfg.src, cfg.dst, cfg.r_loss_weight, cfg.b_loss_weight, cfg.lr) == ("v1", "xl", 1.4, 1.0, 5e-4)
     assert cfg.uses_secondary
+    with pytest.warns(UserWarning, match=r"resume \(rerun the same command to resume\), save_image$"):
+        load_config(path)
     assert load_config(path, steps=10, src="xl", dst="v1").steps == 10  # flags override the file
 
 

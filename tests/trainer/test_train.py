@@ -155,6 +155,8 @@ def test_driver_killed_mid_run_then_rerun_resumes_bit_exactly(reference, dataset
     (["--src", "xl", "--dst", "v1", "--config", "BADYAML"], "not valid YAML"),
     (["--src", "xl", "--dst", "v1", "--config", "UNKNOWNKEY"], "unknown key(s) stepz"),
     (["--src", "xl", "--dst", "v1", "--batch", "7", "--workers", "2"], "batch 7 must divide evenly over 2 workers"),
+    (["--src", "xl", "--dst", "v1", "--crop", "32"], "--crop 32 is larger than the xl latents of"),
+    (["--src", "xl", "--dst", "v1", "--crop", "4", "--val-fraction", "0.999999999"], "holds out every image of"),
 ])  # fmt: skip
 def test_cli_mistakes_exit_2_and_write_nothing(argv, message, dataset, tmp_path):
     from helpers import run
@@ -171,3 +173,38 @@ def test_cli_mistakes_exit_2_and_write_nothing(argv, message, dataset, tmp_path)
     missing = run("-m", "interposer", "train", "--data", str(tmp_path / "nodata"), "--src", "xl", "--dst", "v1",
                   "--out", str(tmp_path / "runs"), "--name", "x")
     assert missing.returncode == 2 and "no manifest.json" in missing.stderr
+
+
+def test_a_validation_share_with_no_image_trains_without_validation_in_one_warning(dataset):
+    from pipeline.schema import read_manifest
+    from trainer.driver import _check_data
+
+    manifest = read_manifest(str(dataset))
+    with pytest.warns(UserWarning, match=r"^--val-fraction 1e-09: no image of .* \(5 images\) falls in the validation "
+                                         r"share; training without validation"):
+        assert _check_data(TrainConfig(**(TINY | dict(val_fraction=1e-9))), str(dataset), manifest) is False
+    assert _check_data(TrainConfig(**TINY), str(dataset), manifest) in (True, False)
+
+
+def test_two_workers_evaluating_every_3_steps_with_a_real_validation_split_finish(ray_session, dataset, tmp_path):
+    """Evaluation used to exist on rank 0 only and decided a collective: with --eval-every 3 (not a multiple of the
+    log interval) rank 0 alone entered an all_reduce and both workers waited forever."""
+    import hashlib
+
+    import pyarrow.parquet as pq
+    import yaml
+
+    from helpers import run
+
+    ids = [r["image_id"] for r in pq.read_table(dataset / "images").to_pylist() if r["tiles"]]
+    h = sorted(int.from_bytes(hashlib.sha256(f"val:{i}".encode()).digest()[:8], "little") / 2**64 for i in ids)
+    fraction = (h[0] + h[1]) / 2  # exactly one image held out (trainer.data.is_validation)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({k: TINY[k] for k in ("ch_mid", "blocks", "checkpoint_every", "log_every")}))
+    result = run("-m", "interposer", "train", "--data", str(dataset), "--src", "xl", "--dst", "v1", "--out",
+                 str(tmp_path / "runs"), "--name", "ddp-eval", "--config", str(config), "--steps", "12", "--batch",
+                 "8", "--crop", "4", "--workers", "2", "--eval-every", "3", "--val-fraction", f"{fraction:.12f}",
+                 env={"RAY_ADDRESS": ray_session.get_runtime_context().gcs_address})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "step 12/12" in result.stdout and "val L1" in result.stdout
+    assert (tmp_path / "runs" / "ddp-eval" / "export" / "model.safetensors").is_file()
