@@ -35,7 +35,7 @@ from pipeline.schema import (  # noqa: E402
 )  # fmt: skip
 from pipeline.store import Store  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
-from trainer.data import CropSampler, load_pair  # noqa: E402
+from trainer.data import CropStream, PairReader  # noqa: E402
 from trainer.driver import RunSpec, train  # noqa: E402
 from trainer.step import build_models, build_optim, train_step  # noqa: E402
 
@@ -86,12 +86,11 @@ def main() -> None:
         # the bare loop: the same step function, sampler and batch, in this process
         torch.set_num_threads(cpus)
         cfg = TrainConfig(**base, steps=args.steps, checkpoint_every=args.steps)
-        pair = load_pair(str(data), "xl", "v1", "train", 0.0)
-        sampler = CropSampler(pair, "xl", "v1", cfg.crop, cfg.batch, cfg.seed, 0, 1)
+        sampler = CropStream(PairReader(str(data), "xl", "v1", 0.0), cfg.crop, cfg.batch, cfg.seed, 0, 1)
         primary, secondary = build_models(cfg)
         optims = [build_optim(cfg, primary)]
         device = torch.device("cpu")
-        train_step(cfg, primary, secondary, optims, *sampler.next(), device)  # warm-up
+        train_step(cfg, primary, secondary, optims, *sampler.next(0), device)  # warm-up
 
         # Rounds alternate the bare loop and Ray Train, so a slow minute of this shared machine hits both; Ray
         # runs only during its turn. Each side's rate is the median over windows of --window steps after the
@@ -104,7 +103,7 @@ def main() -> None:
             for w in range(windows):
                 start = time.perf_counter()
                 for step in range(w * args.window, (w + 1) * args.window):
-                    train_step(cfg, primary, secondary, optims, *sampler.next(), device, step=step)
+                    train_step(cfg, primary, secondary, optims, *sampler.next(step), device, step=step)
                 rates.append(args.window / (time.perf_counter() - start))
             bare.append(statistics.median(rates[1:]) * args.batch)
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from interposer.spaces import LatentSpace, get_space
-from interposer.vae import load_vae, vae_class  # noqa: F401  (re-exported: pipeline.encoder.load_vae)
+from interposer.vae import decode_raw, encode_raw, load_vae, vae_class  # noqa: F401  (re-exported)
 
 
 @dataclass(frozen=True)
@@ -68,42 +68,6 @@ def fingerprint(vae: torch.nn.Module) -> str:
         # reshape(-1): a 0-dim tensor (BatchNorm's num_batches_tracked in Flux.2, Cascade) cannot be viewed as bytes
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return "sha256:" + h.hexdigest()
-
-
-def _is_video_vae(space: LatentSpace) -> bool:
-    return space.video  # e.g. Wan: (B, 3, T, H, W) in, (B, C, T, h, w) out; an image is one frame
-
-
-@torch.inference_mode()
-def encode_raw(vae, space: LatentSpace, pixels: torch.Tensor, latent: str = "mean",
-               seeds: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """pixels (B, 3, T, T) in [-1, 1] -> raw latents (B, C, T/f, T/f) and stds (or None), float32."""
-    x = pixels.to(vae.device, vae.dtype)
-    if _is_video_vae(space):
-        x = x.unsqueeze(2)  # (B, 3, 1, T, T)
-    out = vae.encode(x)
-    if hasattr(out, "latent_dist"):
-        dist = out.latent_dist
-        mean, std = dist.mean.float(), dist.std.float()
-        if latent == "sample":
-            noise = torch.stack([torch.randn(mean.shape[1:], generator=torch.Generator().manual_seed(s))
-                                 for s in seeds]).to(mean.device)
-            mean = mean + std * noise
-    else:  # PaellaVQModel (Stable Cascade stage A): continuous latents before quantisation, no distribution
-        mean, std = out.latents.float(), None
-    if _is_video_vae(space):
-        mean = mean.squeeze(2)
-        std = std.squeeze(2) if std is not None else None
-    return mean, std
-
-
-@torch.inference_mode()
-def decode_raw(vae, space: LatentSpace, latents: torch.Tensor) -> torch.Tensor:
-    """raw latents (B, C, h, w) -> images (B, 3, h*f, w*f) in [-1, 1], float32."""
-    z = latents.to(vae.device, vae.dtype)
-    if _is_video_vae(space):
-        return vae.decode(z.unsqueeze(2)).sample.squeeze(2).float()
-    return vae.decode(z).sample.float()
 
 
 def tile_seed(key: str) -> int:

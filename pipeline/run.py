@@ -16,28 +16,12 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+from interposer.cluster import start_ray
+
 # What an encoder actor asks Ray for (cluster.yaml's encode_gpu node type is sized to fit; a test checks it).
 ENCODER_CPUS = 1.0  # the actor's own thread: feeding the GPU, writing the shard's files
 DECODE_THREADS = 3  # image decode + tile threads inside each GPU actor, each a CPU the actor also asks for
 DEFAULT_GPU_WAIT = 900.0  # seconds to wait for an autoscaler's first GPU node (spot nodes take minutes)
-
-
-def start_ray(log_to_driver: bool = False) -> bool:
-    """Connect to the cluster RAY_ADDRESS names, or start Ray on this machine; True if this call started it.
-
-    Local Ray runs its workers at this command's own priority: Ray's default renices every worker to 15,
-    which starves an encoder or trainer beside any other work on a desktop (and makes `nice` meaningless).
-    Set RAY_worker_niceness yourself to keep Ray's default."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(logging_level="warning", log_to_driver=log_to_driver)
-    else:
-        os.environ.setdefault("RAY_worker_niceness", "0")
-        ray.init(logging_level="warning", log_to_driver=log_to_driver, include_dashboard=False)
-    return True
 
 
 def ray_for_data():

@@ -36,8 +36,12 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 FORMAT = "latent-interposer-dataset"
+LATENT_ROWS_PER_GROUP = 64  # latents/ files are written in row groups of this many tiles: a reader that wants a
+#                            few tiles (validation, evaluation) reads only their groups, not the whole shard
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 SUMMARY_KEY = b"interposer.shard"  # images/part-*.parquet footer: the shard's counts as JSON
@@ -200,17 +204,52 @@ class Manifest:
         return "sha256:" + hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
 
+class DatasetFiles:
+    """Read access to a dataset's files, local or through a pyarrow filesystem URI (s3://, gs://). Readers
+    (the trainer, evaluation) need only this; pipeline.store.Store adds the atomic writes."""
+
+    def __init__(self, root: str | Path):
+        root = str(root)
+        if "://" not in root:
+            root = str(Path(root).expanduser().resolve())
+        self.uri = root
+        self.fs, self.base = pafs.FileSystem.from_uri(root)
+        self.local = isinstance(self.fs, pafs.LocalFileSystem)
+
+    def path(self, rel: str) -> str:
+        return f"{self.base.rstrip('/')}/{rel}"
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.get_file_info(self.path(rel)).type == pafs.FileType.File
+
+    def read_bytes(self, rel: str) -> bytes:
+        with self.fs.open_input_stream(self.path(rel)) as f:
+            return f.read()
+
+    def read_table(self, rel: str, columns: list[str] | None = None) -> pa.Table:
+        return pq.read_table(pa.BufferReader(self.read_bytes(rel)), columns=columns)
+
+    def parquet_file(self, rel: str) -> pq.ParquetFile:
+        """An open Parquet file: its footer is read, its row groups are read on demand."""
+        return pq.ParquetFile(self.fs.open_input_file(self.path(rel)))
+
+    def read_footer(self, rel: str) -> pq.FileMetaData:
+        """A Parquet file's footer (row count, key-value metadata) without reading its data."""
+        with self.fs.open_input_file(self.path(rel)) as f:
+            return pq.read_metadata(f)
+
+    def list(self, rel: str) -> list[str]:
+        """Names of the files directly in folder `rel` (no temporaries): one listing call, not one per file."""
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path(rel), allow_not_found=True))
+        return sorted(i.base_name for i in infos if i.type == pafs.FileType.File and not i.base_name.startswith("."))
+
+
 def read_manifest(data: str, flag: str = "--data") -> Manifest:
     """The manifest of the dataset at `data` (a folder or pyarrow filesystem URI); one line if there is none."""
-    import pyarrow.fs as pafs
-
-    root = data if "://" in data else str(Path(data).expanduser().resolve())
-    fs, base = pafs.FileSystem.from_uri(root)
-    path = f"{base.rstrip('/')}/{MANIFEST}"
-    if fs.get_file_info(path).type != pafs.FileType.File:
+    files = DatasetFiles(data)
+    if not files.exists(MANIFEST):
         raise FileNotFoundError(f"{flag} {data}: no {MANIFEST}; not a dataset (build one with `interposer data build`)")
-    with fs.open_input_stream(path) as f:
-        return Manifest.from_json(f.read().decode(), f"{data}/{MANIFEST}")
+    return Manifest.from_json(files.read_bytes(MANIFEST).decode(), f"{data}/{MANIFEST}")
 
 
 def shard_summary(metadata: dict[bytes, bytes] | None) -> dict[str, Any]:

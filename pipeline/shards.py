@@ -30,6 +30,7 @@ from .schema import (
     TILES_SCHEMA,
     images_path,
     index_path,
+    LATENT_ROWS_PER_GROUP,
     latent_table,
     latents_path,
     tile_key,
@@ -137,7 +138,7 @@ class ShardWorker:
         keys = [t["tile_key"] for t in tile_rows]
         for space, shape in self.shapes.items():
             table = _latents(keys, lat[space], std[space] if self.store_std else None, shape)
-            self.store.write_table(latents_path(space, shard), table)
+            self.store.write_table(latents_path(space, shard), table, LATENT_ROWS_PER_GROUP)
         self.store.write_table(tiles_path(shard), pa.Table.from_pylist(tile_rows, schema=TILES_SCHEMA))
         summary = dict(images=len(image_rows), images_ok=sum(r["status"] == "ok" for r in image_rows),
                        tiles=len(tile_rows), skipped=dict(sorted(skipped.items())))
@@ -164,7 +165,7 @@ class ShardWorker:
         keys = [k for k in wanted if k in found]
         stds = [found[k][1][None] for k in keys] if self.store_std else None
         table = _latents(keys, [found[k][0][None] for k in keys], stds, self.shapes[code])
-        self.store.write_table(latents_path(code, shard), table)
+        self.store.write_table(latents_path(code, shard), table, LATENT_ROWS_PER_GROUP)
         return dict(tiles=len(keys), missing=len(wanted) - len(keys))
 
 

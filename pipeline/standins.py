@@ -59,3 +59,65 @@ def make_standin_vae(code: str, folder: str | Path, seed: int = 0, width: int = 
                 p.normal_(0.0, (1.0 / p[0].numel()) ** 0.5)
     vae.save_pretrained(folder)
     return folder
+
+
+def write_synthetic_dataset(folder: str | Path, images: int, tiles_per_image: int = 6, shard_size: int = 64,
+                            spaces: dict[str, tuple[int, int, int]] | None = None, seed: int = 0,
+                            fill=None) -> Path:
+    """A complete dataset in the pipeline's format with made-up latents and no VAE or image behind it: for
+    trainer tests and benchmarks at sizes no encoder run here could reach. `spaces` maps a registry code to
+    its latent shape (C, h, w) (default xl and v1 at 4x64x64); `fill(code, keys, shape)` gives the
+    (n, C, h, w) latents of a shard's tiles (default: standard normal, seeded by (seed, code, shard))."""
+    import hashlib
+    import json
+    import math
+
+    import numpy as np
+    import pyarrow as pa
+
+    from .schema import (IMAGES_SCHEMA, LATENT_ROWS_PER_GROUP, MANIFEST, SUMMARY_KEY, TILES_SCHEMA, Manifest,
+                         SpaceEntry, images_path, latent_table, latents_path, shard_of, tile_key, tiles_path)
+    from .store import Store
+
+    spaces = spaces or {"xl": (4, 64, 64), "v1": (4, 64, 64)}
+    store = Store(folder)
+    shards = max(1, math.ceil(images / shard_size))
+    ids = sorted(hashlib.sha256(f"synthetic-{seed}-{i}".encode()).hexdigest() for i in range(images))
+    by_shard: list[list[str]] = [[] for _ in range(shards)]
+    for image_id in ids:
+        by_shard[shard_of(image_id, shards)].append(image_id)
+
+    def random_fill(code, keys, shape, shard):
+        rng = np.random.default_rng([seed, shard, *code.encode()])
+        return rng.standard_normal((len(keys), *shape), dtype=np.float32).astype(np.float16)
+
+    side = {code: get_space(code).factor * shape[1] for code, shape in spaces.items()}
+    tile = next(iter(side.values()))
+    for shard, members in enumerate(by_shard):
+        keys = [tile_key(i, t) for i in members for t in range(tiles_per_image)]
+        for code, shape in spaces.items():
+            values = fill(code, keys, shape) if fill else random_fill(code, keys, shape, shard)
+            store.write_table(latents_path(code, shard), latent_table(keys, values, None, shape),
+                              LATENT_ROWS_PER_GROUP)
+        store.write_table(tiles_path(shard), pa.Table.from_pylist(
+            [dict(tile_key=k, image_id=k[:64], uri=f"synthetic/{k[:64]}", tile_index=int(k[65:]),
+                  box=[0, 0, tile, tile]) for k in keys], schema=TILES_SCHEMA))
+        summary = dict(images=len(members), images_ok=len(members), tiles=len(keys), skipped={})
+        table = pa.Table.from_pylist(
+            [dict(image_id=i, uri=f"synthetic/{i}", width=tile, height=tile * tiles_per_image, resized_width=tile,
+                  resized_height=tile * tiles_per_image, tiles=tiles_per_image, nonfinite=0, status="ok")
+             for i in members], schema=IMAGES_SCHEMA)
+        store.write_table(images_path(shard), table.replace_schema_metadata(
+            {SUMMARY_KEY: json.dumps(summary, sort_keys=True).encode()}))
+    entries = {code: SpaceEntry(vae=f"synthetic:{code}", subfolder=None, vae_class=get_space(code).vae_class,
+                                dtype="float32", fingerprint=f"sha256:synthetic-{code}-{seed}",
+                                channels=shape[0], factor=get_space(code).factor, latent_shape=list(shape),
+                                tiles=images * tiles_per_image)
+               for code, shape in spaces.items()}
+    tiles = images * tiles_per_image
+    manifest = Manifest(tile_size=tile, max_tiles=tiles_per_image, min_size=1, max_pixels=1 << 28,
+                        shard_size=shard_size, sources=[f"synthetic-{seed}-{images}"], spaces=entries,
+                        shards=shards, indexed=True, complete=True,
+                        counts=dict(listed=images, unique_images=images, images_ok=images, tiles=tiles, skipped={}))
+    store.write_bytes(MANIFEST, manifest.to_json().encode())
+    return Path(folder)

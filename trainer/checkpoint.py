@@ -1,7 +1,8 @@
 """Checkpoints: everything the loop needs to go on, as named groups in one folder.
 
     primary.safetensors / secondary.safetensors   both models (safetensors: no pickles)
-    state.pt      optimizers, schedulers, step, sampler, RNG states (python, numpy, torch, cuda) per rank;
+    state.pt      optimizers, schedulers, step; per rank its data position and RNG states (python, numpy,
+                  torch, cuda);
                   read back with torch.load(weights_only=True): tensors, numbers and strings only
     config.json   the resolved training config and the dataset pair's fingerprint
 """
@@ -44,14 +45,14 @@ def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
 
 
-def save_checkpoint(folder: str | Path, primary, secondary, optims: dict, step: int, sampler: dict,
+def save_checkpoint(folder: str | Path, primary, secondary, optims: dict, step: int, data_by_rank: list[dict],
                     rng_by_rank: list[dict], config: dict, fingerprint: str) -> Path:
     """Write a checkpoint folder (models unwrapped from DDP first)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(_weights(primary), str(folder / "primary.safetensors"))
     save_file(_weights(secondary), str(folder / "secondary.safetensors"))
-    torch.save(dict(step=step, sampler=sampler, rng=rng_by_rank,
+    torch.save(dict(step=step, data=data_by_rank, rng=rng_by_rank,
                     optimizers={k: o.state_dict() for k, (o, _) in optims.items()},
                     schedulers={k: s.state_dict() for k, (_, s) in optims.items()}), folder / STATE)
     (folder / "config.json").write_text(json.dumps(dict(config=config, dataset_fingerprint=fingerprint), indent=2))

@@ -63,7 +63,8 @@ def _add_eval(sub) -> None:
                    "(then give --src and --dst)")
     p.add_argument("--data", required=True, help="dataset folder holding both spaces")
     p.add_argument("--split", choices=("val", "train", "all"), default="val", help="tiles to evaluate (default val)")
-    p.add_argument("--val-fraction", type=float, default=0.02, help="share of images in val, as in training (0.02)")
+    p.add_argument("--val-fraction", type=float, default=None,
+                   help="share of images in val (default: the run's own, from the export's config.json; else 0.02)")
     p.add_argument("--limit", type=int, default=64, help="tiles at most (default 64; 0: all)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--src", default=None, help="source space, for a bare released-layout file")
@@ -94,8 +95,16 @@ def _cmd_eval(args) -> int:
         if not source:
             raise ValueError(f"--vae {item!r}: expected CODE=SOURCE")
         vaes[get_space(code).code] = source
+    val_fraction = args.val_fraction
+    if val_fraction is None:  # the share the run held out, so that "val" means the tiles it never trained on
+        config = model / "config.json" if model.is_dir() else None
+        val_fraction = json.loads(config.read_text()).get("val_fraction") if config and config.is_file() else None
+        if val_fraction is None:
+            val_fraction = 0.02
+        else:
+            print(f"validation share {val_fraction} (the run's own, from {config})")
     result = evaluate(str(model), args.data, split=args.split, limit=args.limit or None, device=args.device,
-                      val_fraction=args.val_fraction, src=args.src, dst=args.dst, vaes=vaes)
+                      val_fraction=val_fraction, src=args.src, dst=args.dst, vaes=vaes)
     print(format_table(result))
     out = Path(args.out) if args.out else (model / EVAL_FILE if model.is_dir() else Path(EVAL_FILE))
     out.write_text(json.dumps(result, indent=2) + "\n")

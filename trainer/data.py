@@ -1,29 +1,36 @@
-"""Training data from a pipeline/ dataset: the pair's latents, a validation split by image, and a
-deterministic sampler of aligned random crops. Plain torch + pyarrow (no Ray).
+"""Training data from a pipeline/ dataset: each rank streams its own share of the pair's shards, with memory
+set by the shard size, not by the dataset. Plain numpy + pyarrow (no Ray); from pipeline/ only its data
+contract, `pipeline.schema`.
 
-Every random choice is a pure function of (seed, epoch or step, rank), so a run resumed from a checkpoint
-draws exactly the batches it would have drawn had it never stopped.
+    reader = PairReader("data/xl-v1", "xl", "v1", val_fraction=0.02)
+    stream = CropStream(reader, crop=32, batch=64, seed=0, rank=0, world=2)
+    src, dst = stream.next(step)          # (64, 4, 32, 32), (64, 4, 32, 32) float32 aligned crops
+
+How a rank walks the data: the shards are cut into `units` (a shard, or a 1/k slice of one when there are
+fewer shards than ranks). Epoch e permutes the units by (seed, e); rank r takes units r, r+world, ... of that
+order and, within a unit, its train tiles in an order permuted by (seed, e, shard). Its batches are the next
+`batch / world` tiles of that stream, crossing unit and epoch ends; crop positions are drawn by (seed, step,
+rank). Shards are ranges of image-id hashes, so each is a random sample of the images: a batch drawn from a
+shuffled shard is a batch of random images. The position in the stream (epoch, unit, tile) is the whole
+state: a checkpoint stores it per rank and a resumed run draws exactly the batches it would have drawn. The
+next unit is read on a background thread while this one is used: at most two units are in memory.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import math
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from interposer.spaces import get_space
-from pipeline.schema import Manifest, latents_path, read_latents, read_manifest, tiles_path
-from pipeline.store import Store
-
-
-@dataclass
-class PairData:
-    src: torch.Tensor  # (N, Cs, Hs, Ws) float16, raw latents
-    dst: torch.Tensor  # (N, Cd, Hd, Wd) float16
-    image_ids: list[str]
+from pipeline.schema import DatasetFiles, Manifest, latents_path, read_latents, read_manifest, tiles_path
 
 
 def check_pair(manifest: Manifest, data: str, src: str, dst: str) -> None:
@@ -41,86 +48,202 @@ def is_validation(image_id: str, fraction: float) -> bool:
     return h / 2**64 < fraction
 
 
-def iter_pair(data: str, src: str, dst: str, split: str, val_fraction: float):
-    """(tile row, src latent, dst latent) for each tile of `split` ("train", "val" or "all") that has latents
-    in both spaces, joined on tile_key, in dataset order. The validation split is by image id."""
-    store = Store(data)
-    manifest = read_manifest(data)
-    check_pair(manifest, data, src, dst)
-    for shard in range(manifest.shards):
-        a = store.read_table(latents_path(src, shard))
-        b = store.read_table(latents_path(dst, shard))
-        pos_a = {k: i for i, k in enumerate(a.column("tile_key").to_pylist())}
-        pos_b = {k: i for i, k in enumerate(b.column("tile_key").to_pylist())}
-        la, lb = read_latents(a) if a.num_rows else None, read_latents(b) if b.num_rows else None
-        for tile in store.read_table(tiles_path(shard)).to_pylist():
-            key = tile["tile_key"]
-            if key not in pos_a or key not in pos_b:
-                continue
-            if split != "all" and is_validation(tile["image_id"], val_fraction) != (split == "val"):
-                continue
-            yield tile, la[pos_a[key]], lb[pos_b[key]]
-
-
-def load_pair(data: str, src: str, dst: str, split: str, val_fraction: float) -> PairData:
-    """The split's tiles that have latents in both spaces, joined on tile_key, in dataset order."""
-    rows = list(iter_pair(data, src, dst, split, val_fraction))
-    if not rows:
-        raise ValueError(f"--data {data}: the {split} split has no tiles with both {src} and {dst} latents")
-    return PairData(torch.from_numpy(np.stack([r[1] for r in rows])), torch.from_numpy(np.stack([r[2] for r in rows])),
-                    [r[0]["image_id"] for r in rows])
-
-
 def step_seed(seed: int, *parts: int) -> int:
     h = hashlib.sha256(":".join(map(str, (seed, *parts))).encode()).digest()
     return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
 
 
-class CropSampler:
-    """Global batch b of aligned crops per step; rank r takes samples r, r+world, ... of it.
+@dataclass
+class ShardTiles:
+    """Tiles of one shard that have latents in both spaces, in the shard's order."""
 
-    The order of tiles is a permutation per epoch seeded by (seed, epoch); crop positions are seeded by
-    (seed, step, rank). Its whole state is the step, so `state_dict()` is small and a resume is exact."""
+    rows: pa.Table  # the tiles/ rows (tile_key, image_id, uri, tile_index, box)
+    src: np.ndarray  # (n, Cs, hs, ws) float16, raw latents
+    dst: np.ndarray  # (n, Cd, hd, wd) float16
 
-    def __init__(self, data: PairData, src: str, dst: str, crop: int, batch: int, seed: int, rank: int, world: int):
-        self.data, self.crop, self.batch, self.seed, self.rank, self.world = data, crop, batch, seed, rank, world
-        fs, fd = get_space(src).factor, get_space(dst).factor
+    def __len__(self) -> int:
+        return len(self.src)
+
+
+class PairReader:
+    """Reads the aligned src/dst latents of a dataset shard by shard, only the row groups it needs."""
+
+    def __init__(self, data: str, src: str, dst: str, val_fraction: float):
+        self.data, self.src, self.dst, self.val_fraction = data, src, dst, val_fraction
+        self.manifest = read_manifest(data)
+        check_pair(self.manifest, data, src, dst)
+        self.files = DatasetFiles(data)
+        self.shards = self.manifest.shards
+
+    def _latents(self, space: str, shard: int, keys: list[str]) -> np.ndarray:
+        """(len(keys), C, h, w) float16: the latents of `keys`, reading only the row groups that hold them."""
+        shape = self.manifest.spaces[space].latent_shape
+        if not keys:
+            return np.zeros((0, *shape), np.float16)
+        f = self.files.parquet_file(latents_path(space, shard))
+        at = {k: i for i, k in enumerate(f.read(columns=["tile_key"]).column(0).to_pylist())}
+        rows = [at[k] for k in keys]
+        starts = np.cumsum([0] + [f.metadata.row_group(g).num_rows for g in range(f.num_row_groups)]).tolist()
+        groups = sorted({bisect.bisect_right(starts, r) - 1 for r in rows})
+        table = f.read_row_groups(groups, columns=["latent"])
+        base, offset = {}, 0  # first row of each read group within `table`
+        for g in groups:
+            base[g], offset = offset, offset + starts[g + 1] - starts[g]
+        local = [base[g] + r - starts[g] for r in rows for g in [bisect.bisect_right(starts, r) - 1]]
+        out = read_latents(table)
+        return out if local == list(range(len(out))) else out[local]
+
+    def shard(self, shard: int, split: str, limit: int | None = None) -> ShardTiles:
+        """The shard's tiles of `split` ("train", "val" or "all") with latents in both spaces (at most `limit`)."""
+        tiles = self.files.read_table(tiles_path(shard))
+        have = [set(self.files.read_table(latents_path(c, shard), columns=["tile_key"]).column(0).to_pylist())
+                for c in (self.src, self.dst)]
+        keep = []
+        for i, (key, image_id) in enumerate(zip(tiles.column("tile_key").to_pylist(),
+                                                tiles.column("image_id").to_pylist())):
+            if key in have[0] and key in have[1] and (
+                    split == "all" or is_validation(image_id, self.val_fraction) == (split == "val")):
+                keep.append(i)
+                if limit is not None and len(keep) >= limit:
+                    break
+        rows = tiles.take(pa.array(keep, pa.int64()))
+        keys = rows.column("tile_key").to_pylist()
+        return ShardTiles(rows, self._latents(self.src, shard, keys), self._latents(self.dst, shard, keys))
+
+    def iter_split(self, split: str, limit: int | None = None) -> Iterator[ShardTiles]:
+        """The split's tiles shard by shard in dataset order, at most `limit` in all; reads stop there."""
+        left = limit
+        for shard in range(self.shards):
+            if left is not None and left <= 0:
+                return
+            part = self.shard(shard, split, left)
+            if len(part):
+                yield part
+                left = None if left is None else left - len(part)
+
+    def take(self, split: str, limit: int | None = None) -> ShardTiles:
+        """The first `limit` tiles of a split, joined into one ShardTiles (validation, evaluation)."""
+        parts = list(self.iter_split(split, limit))
+        if not parts:
+            raise ValueError(f"--data {self.data}: no {split} tiles with both {self.src} and {self.dst} latents "
+                             f"(validation is {self.val_fraction:.0%} of images by id)")
+        return ShardTiles(pa.concat_tables([p.rows for p in parts]), np.concatenate([p.src for p in parts]),
+                          np.concatenate([p.dst for p in parts]))
+
+
+class CropStream:
+    """Rank `rank`'s endless stream of aligned random crops of the train split (see the module doc)."""
+
+    def __init__(self, reader: PairReader, crop: int, batch: int, seed: int, rank: int, world: int,
+                 prefetch: bool = True):
+        if batch % world:
+            raise ValueError(f"batch {batch} must divide evenly over {world} workers")
+        self.reader, self.crop, self.local_batch = reader, crop, batch // world
+        self.seed, self.rank, self.world = seed, rank, world
+        fs, fd = get_space(reader.src).factor, get_space(reader.dst).factor
         self.scale = fs / fd  # dst pixels per src pixel
         self.grid = max(1, round(fd / math.gcd(fs, fd)))  # src offsets on this grid map to whole dst pixels
-        self.n = len(data.src)
-        self.per_epoch = max(1, self.n // batch) if self.n >= batch else 1
-        self.step = 0
+        shards = max(1, reader.shards)
+        self.parts = max(1, math.ceil(world / shards))  # slices per shard: every rank gets a unit each epoch
+        self.units = shards * self.parts
+        self.epoch, self.pos, self.offset = 0, 0, 0  # the cursor: the next tile is tile `offset` of unit `pos`
+        self._orders: dict[int, list[int]] = {}
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="crop-stream") if prefetch else None
+        self._current: tuple[tuple[int, int], tuple] | None = None  # ((epoch, pos), (src, dst))
+        self._next: tuple[tuple[int, int], Future] | None = None
 
+    # --- position ---
     def state_dict(self) -> dict:
-        return dict(step=self.step, epoch=self.step // self.per_epoch, position=self.step % self.per_epoch,
-                    seed=self.seed, world=self.world)
+        return dict(epoch=self.epoch, pos=self.pos, offset=self.offset, units=self.units, rank=self.rank,
+                    world=self.world, seed=self.seed)
 
     def load_state_dict(self, state: dict) -> None:
-        self.step = int(state["step"])
+        if (state["units"], state["world"], state["rank"]) != (self.units, self.world, self.rank):
+            raise ValueError(f"the checkpoint's data position is for rank {state['rank']} of {state['world']} over "
+                             f"{state['units']} units, not rank {self.rank} of {self.world} over {self.units}")
+        self.epoch, self.pos, self.offset = int(state["epoch"]), int(state["pos"]), int(state["offset"])
+        self._current = self._next = None
 
-    def _indices(self, step: int) -> torch.Tensor:
-        epoch, pos = divmod(step, self.per_epoch)
-        g = torch.Generator().manual_seed(step_seed(self.seed, epoch))
-        if self.n >= self.batch:
-            perm = torch.randperm(self.n, generator=g)
-            chosen = perm[pos * self.batch : (pos + 1) * self.batch]
-        else:  # fewer tiles than a batch: draw with replacement
-            chosen = torch.randint(self.n, (self.batch,), generator=g.manual_seed(step_seed(self.seed, step)))
-        return chosen[self.rank :: self.world]
+    def _order(self, epoch: int) -> list[int]:
+        """This rank's units in `epoch`."""
+        if epoch not in self._orders:
+            g = torch.Generator().manual_seed(step_seed(self.seed, "units", epoch))
+            self._orders[epoch] = torch.randperm(self.units, generator=g)[self.rank :: self.world].tolist()
+            self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 1}  # this epoch and its neighbour
+        return self._orders[epoch]
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(src crops (b/world, Cs, c, c), dst crops (b/world, Cd, c*s, c*s)), float32."""
-        idx = self._indices(self.step)
-        g = torch.Generator().manual_seed(step_seed(self.seed, self.step, self.rank, 1))
-        self.step += 1
-        _, _, hs, ws = self.data.src.shape
+    def _after(self, epoch: int, pos: int) -> tuple[int, int]:
+        return (epoch, pos + 1) if pos + 1 < len(self._order(epoch)) else (epoch + 1, 0)
+
+    # --- reading ---
+    def _read(self, epoch: int, unit: int) -> tuple[np.ndarray, np.ndarray]:
+        """(src, dst) of a unit's train tiles in this epoch's order."""
+        shard, part = divmod(unit, self.parts)
+        tiles = self.reader.shard(shard, "train")
+        g = torch.Generator().manual_seed(step_seed(self.seed, "tiles", epoch, shard))
+        order = torch.randperm(len(tiles), generator=g)[part :: self.parts].numpy()
+        return tiles.src[order], tiles.dst[order]
+
+    def _unit(self, epoch: int, pos: int) -> tuple[np.ndarray, np.ndarray]:
+        """The unit at (epoch, pos), read now or taken from the prefetch; starts reading the one after it."""
+        key = (epoch, pos)
+        if self._current is not None and self._current[0] == key:
+            return self._current[1]
+        if self._next is not None and self._next[0] == key:
+            got = self._next[1].result()
+        else:
+            got = self._read(epoch, self._order(epoch)[pos])
+        self._current, self._next = (key, got), None  # the previous unit is released here
+        if self._pool is not None:
+            e, p = self._after(epoch, pos)
+            self._next = ((e, p), self._pool.submit(self._read, e, self._order(e)[p]))
+        return got
+
+    def tiles(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The next n (src, dst) tiles of this rank's stream; advances the cursor."""
+        src, dst, empty = [], [], 0
+        while n:
+            a, b = self._unit(self.epoch, self.pos)
+            take = a[self.offset : self.offset + n]
+            if len(take):
+                src.append(take)
+                dst.append(b[self.offset : self.offset + len(take)])
+                self.offset += len(take)
+                n -= len(take)
+                empty = 0
+            if self.offset >= len(a):
+                self.epoch, self.pos = self._after(self.epoch, self.pos)
+                self.offset = 0
+                empty = empty + 1 if not len(take) else 0
+                if empty > 4 * self.units + 100:
+                    raise ValueError(f"--data {self.reader.data}: rank {self.rank} finds no training tiles in "
+                                     f"{empty} units in a row; the train split is empty")
+        return np.concatenate(src), np.concatenate(dst)
+
+    def next(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(src crops (b/world, Cs, c, c), dst crops (b/world, Cd, c*s, c*s)) float32 for `step`."""
+        a, b = self.tiles(self.local_batch)
+        g = torch.Generator().manual_seed(step_seed(self.seed, step, self.rank, 1))
+        _, _, hs, ws = a.shape
         c, cd = self.crop, int(self.crop * self.scale)
         if c > hs or c > ws:
             raise ValueError(f"crop {c} is larger than the source latents ({hs}x{ws}); pass a smaller --crop")
-        ys = torch.randint((hs - c) // self.grid + 1, (len(idx),), generator=g) * self.grid
-        xs = torch.randint((ws - c) // self.grid + 1, (len(idx),), generator=g) * self.grid
-        src = torch.stack([self.data.src[i, :, y : y + c, x : x + c] for i, y, x in zip(idx, ys, xs)])
-        dst = torch.stack([self.data.dst[i, :, int(y * self.scale) : int(y * self.scale) + cd,
-                                         int(x * self.scale) : int(x * self.scale) + cd]
-                           for i, y, x in zip(idx, ys, xs)])
-        return src.float(), dst.float()
+        ys = (torch.randint((hs - c) // self.grid + 1, (len(a),), generator=g) * self.grid).tolist()
+        xs = (torch.randint((ws - c) // self.grid + 1, (len(a),), generator=g) * self.grid).tolist()
+        src = np.stack([a[i, :, y : y + c, x : x + c] for i, (y, x) in enumerate(zip(ys, xs))])
+        dst = np.stack([b[i, :, int(y * self.scale) : int(y * self.scale) + cd,
+                          int(x * self.scale) : int(x * self.scale) + cd] for i, (y, x) in enumerate(zip(ys, xs))])
+        return torch.from_numpy(src).float(), torch.from_numpy(dst).float()
+
+    def close(self) -> None:
+        self._current = self._next = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def iter_pair(data: str, src: str, dst: str, split: str, val_fraction: float):
+    """(tile row, src latent, dst latent) for each tile of `split` with latents in both spaces, in dataset
+    order; reads one shard at a time."""
+    for part in PairReader(data, src, dst, val_fraction).iter_split(split):
+        for row, a, b in zip(part.rows.to_pylist(), part.src, part.dst):
+            yield row, a, b

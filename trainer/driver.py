@@ -23,10 +23,12 @@ from pathlib import Path
 import torch
 
 from interposer import save_interposer, save_released
+from interposer.files import write_bytes_durably
 from interposer.model import InterposerModel
+from pipeline.schema import DatasetFiles, images_path, read_manifest
 
 from .config import TrainConfig
-from .data import read_manifest, check_pair
+from .data import check_pair
 
 RUN_RECORD = "interposer-run.json"
 EXPORT = "export"
@@ -70,10 +72,22 @@ def _run_dir(spec: RunSpec) -> str:
     return f"{base}/{spec.name}"
 
 
-def _store(spec: RunSpec):
-    from pipeline.store import Store
+class _RunFolder(DatasetFiles):
+    """OUT/NAME, local or a pyarrow filesystem URI: read like a dataset, files written whole (atomically and
+    fsynced locally; object stores show an object only once its upload completes)."""
 
-    return Store(_run_dir(spec))
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        target = self.path(rel)
+        self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+        if self.local:
+            write_bytes_durably(target, data)
+        else:
+            with self.fs.open_output_stream(target) as f:
+                f.write(data)
+
+
+def _store(spec: RunSpec) -> _RunFolder:
+    return _RunFolder(_run_dir(spec))
 
 
 def _check_resume(cfg: TrainConfig, spec: RunSpec, fingerprint: str) -> dict | None:
@@ -100,18 +114,15 @@ def _check_data(cfg: TrainConfig, data: str, manifest) -> bool:
     """Settings this dataset makes impossible, refused before Ray starts (Ray Train would retry them as worker
     failures); returns whether the validation split holds an image. Reads images files only until both
     splits have one (usually the first shard)."""
-    from pipeline.schema import images_path
-    from pipeline.store import Store
-
     from .data import is_validation
 
     side = manifest.spaces[cfg.src].latent_shape[1:]
     if cfg.crop > min(side):
         raise ValueError(f"--crop {cfg.crop} is larger than the {cfg.src} latents of {data} ({side[0]}x{side[1]}, "
                          f"from {manifest.tile_size} px tiles); pass --crop {min(side)} or less")
-    store, found, images = Store(data), {True: False, False: False}, 0
+    store, found, images = DatasetFiles(data), {True: False, False: False}, 0
     for shard in range(manifest.shards):
-        for r in store.read_table(images_path(shard)).to_pylist():
+        for r in store.read_table(images_path(shard), columns=["image_id", "status", "tiles"]).to_pylist():
             if r["status"] == "ok" and r["tiles"]:
                 images += 1
                 found[is_validation(r["image_id"], cfg.val_fraction)] = True
@@ -129,6 +140,7 @@ def _check_data(cfg: TrainConfig, data: str, manifest) -> bool:
 
 def train(cfg: TrainConfig, spec: RunSpec) -> Path | str:
     """Train (or resume, or find finished) the run OUT/NAME; returns the export folder."""
+    begun = time.time()
     manifest = read_manifest(spec.data)
     check_pair(manifest, spec.data, cfg.src, cfg.dst)
     fingerprint = pair_fingerprint(manifest, cfg.src, cfg.dst)
@@ -151,7 +163,7 @@ def train(cfg: TrainConfig, spec: RunSpec) -> Path | str:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipeline.build import start_ray
+    from interposer.cluster import start_ray
 
     from .loop import train_loop_per_worker
 
@@ -163,7 +175,7 @@ def train(cfg: TrainConfig, spec: RunSpec) -> Path | str:
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config=dict(cfg=cfg.to_dict(), data=spec.data, fingerprint=fingerprint, threads=cpus,
-                                   has_val=has_val,
+                                   has_val=has_val, started_at=begun,
                                    tensorboard=f"{_run_dir(spec)}/tensorboard" if _local(spec.out) else None),
             scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu, resources_per_worker=request),
             run_config=RunConfig(name=spec.name, storage_path=storage,
@@ -202,7 +214,8 @@ def _export(primary: InterposerModel, cfg: TrainConfig, spec: RunSpec) -> None:
     """RUNS/NAME/export/: our format (model.safetensors + config.json) and the released layout file."""
     with tempfile.TemporaryDirectory() as tmp:
         save_interposer(primary, tmp, cfg.src, cfg.dst, version=spec.rev,
-                        extra=dict(trained_steps=cfg.steps, data=spec.data))
+                        extra=dict(trained_steps=cfg.steps, data=spec.data, val_fraction=cfg.val_fraction,
+                                   seed=cfg.seed))
         if (cfg.ch_mid, cfg.blocks) == (64, 12):  # the v4 architecture: also the file layout v4 loaders know
             save_released(primary, Path(tmp) / f"{cfg.src}-to-{cfg.dst}_interposer-{spec.rev}.safetensors")
         store = _store(spec)

@@ -69,19 +69,11 @@ def _to_images(x: torch.Tensor) -> np.ndarray:
     return ((x.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).double().cpu().numpy()
 
 
-def _tiles(data: str, src: str, dst: str, split: str, val_fraction: float, limit: int | None):
-    """(tile rows, src latents, dst latents, manifest) of a split, in dataset order, at most `limit`."""
-    from itertools import islice
-
-    from .data import iter_pair, read_manifest
-
-    rows = list(islice(iter_pair(data, src, dst, split, val_fraction), limit or None))
-    if not rows:
-        raise ValueError(f"--data {data}: no {split} tiles with both {src} and {dst} latents "
-                         f"(val is {val_fraction:.0%} of images by id; try --split all)")
-    x = torch.from_numpy(np.stack([r[1] for r in rows])).float()
-    y = torch.from_numpy(np.stack([r[2] for r in rows])).float()
-    return [r[0] for r in rows], x, y, read_manifest(data)
+def _tiles(reader, split: str, limit: int | None):
+    """(tile rows, src latents, dst latents) of a split's first `limit` tiles, in dataset order; reads only
+    the shards (and latent row groups) that hold them."""
+    tiles = reader.take(split, limit or None)
+    return tiles.rows.to_pylist(), torch.from_numpy(tiles.src).float(), torch.from_numpy(tiles.dst).float()
 
 
 def evaluate(model: str, data: str, split: str = "val", limit: int | None = 64, device: str = "cpu",
@@ -89,8 +81,10 @@ def evaluate(model: str, data: str, split: str = "val", limit: int | None = 64, 
              vaes: dict[str, str] | None = None, fit_tiles: int = 256, batch: int = 8) -> dict:
     from tqdm import tqdm
 
-    from pipeline.encoder import decode_raw, encode_raw
-    from pipeline.rows import cut_one
+    from interposer.vae import decode_raw, encode_raw
+    from pipeline.rows import cut_one  # re-derives the original tile from its source image, as the build cut it
+
+    from .data import PairReader
 
     dev = torch.device(device)
     path = Path(model)
@@ -98,8 +92,10 @@ def evaluate(model: str, data: str, split: str = "val", limit: int | None = 64, 
     src, dst = net.src, net.dst
     s, d = get_space(src), get_space(dst)
     net = net.to(dev).eval()
-    rows, x, y, manifest = _tiles(data, src, dst, split, val_fraction, limit)
-    _, fx, fy, _ = _tiles(data, src, dst, "train", val_fraction, fit_tiles)
+    reader = PairReader(data, src, dst, val_fraction)
+    manifest = reader.manifest
+    rows, x, y = _tiles(reader, split, limit)
+    _, fx, fy = _tiles(reader, "train", fit_tiles)
     scale = pair_scale(src, dst)
     w, b = fit_linear(fx, fy, scale)
 

@@ -7,6 +7,7 @@ The arithmetic is trainer.step's, shared with the bare loop in bench/train.py.
 
 from __future__ import annotations
 
+import resource
 import tempfile
 import time
 
@@ -14,7 +15,7 @@ import torch
 
 from .checkpoint import load_with_fallback, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
-from .data import CropSampler, load_pair, step_seed
+from .data import CropStream, PairReader, step_seed
 from .step import build_models, build_optim, train_step, validation_l1
 
 
@@ -23,7 +24,7 @@ def _decoder(cfg: TrainConfig, data: str, device):
     from interposer.spaces import get_space
     from interposer.vae import load_vae
 
-    from .data import read_manifest
+    from pipeline.schema import read_manifest
 
     entry = read_manifest(data).spaces[cfg.dst]
     vae = load_vae(get_space(cfg.dst), entry.vae, entry.subfolder, torch.float32, device)
@@ -48,8 +49,8 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device() if cfg.gpu else torch.device("cpu")
     torch.set_num_threads(config.get("threads", 1))
 
-    train_data = load_pair(config["data"], cfg.src, cfg.dst, "train", cfg.val_fraction)
-    sampler = CropSampler(train_data, cfg.src, cfg.dst, cfg.crop, cfg.batch, cfg.seed, rank, world)
+    reader = PairReader(config["data"], cfg.src, cfg.dst, cfg.val_fraction)
+    stream = CropStream(reader, cfg.crop, cfg.batch, cfg.seed, rank, world)  # this rank's share, streamed
     primary, secondary = build_models(cfg)
     optims = {"primary": build_optim(cfg, primary)}
     if cfg.uses_secondary:
@@ -63,7 +64,10 @@ def train_loop_per_worker(config: dict) -> None:
             where = checkpoint.path if _is_local(checkpoint) else folder
             state, _ = load_with_fallback(where, primary, secondary, optims, cfg.fallback_checkpoint)
         start = int(state["step"])
-        sampler.load_state_dict(state["sampler"])
+        if "data" not in state:
+            raise ValueError(f"checkpoint {checkpoint.path} was written by an older version (whole-dataset loader); "
+                             "its data position cannot be carried over: train under a new --name")
+        stream.load_state_dict(state["data"][rank])
         if rank < len(state["rng"]):
             set_rng_state(state["rng"][rank])
         if rank == 0:
@@ -81,20 +85,23 @@ def train_loop_per_worker(config: dict) -> None:
     # whether a step evaluates must be decided the same on every rank: it decides a collective below
     has_val = config.get("has_val", bool(cfg.val_fraction))
     val = None
-    if rank == 0 and has_val:
-        val = load_pair(config["data"], cfg.src, cfg.dst, "val", cfg.val_fraction)
+    if rank == 0 and has_val:  # the first eval_tiles validation tiles, and only their row groups
+        val = reader.take("val", cfg.eval_tiles)
+        val = torch.from_numpy(val.src), torch.from_numpy(val.dst)
     writer = None
     if rank == 0 and config.get("tensorboard"):
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(config["tensorboard"], purge_step=start)
 
-    t0, last_step = time.perf_counter(), start
+    t0, last_step, first_step_s = time.perf_counter(), start, None
     for step in range(start, cfg.steps):
         torch.manual_seed(step_seed(cfg.seed, step, rank, 2))  # dropout: a function of (seed, step, rank)
-        src, dst = sampler.next()
+        src, dst = stream.next(step)
         losses = train_step(cfg, primary, secondary, list(optims.values()), src, dst, device, decoder, step)
         done = step + 1
+        if first_step_s is None:  # start-up: from the command's start to this rank's first step
+            first_step_s = time.time() - config.get("started_at", time.time())
 
         preempted = False
         if world > 1 and done % cfg.preemption_check_every == 0:
@@ -115,15 +122,22 @@ def train_loop_per_worker(config: dict) -> None:
         now = time.perf_counter()
         rate, t0, last_step = (done - last_step) / max(now - t0, 1e-9), now, done
         metrics.update(step=done, lr=optims["primary"][1].get_last_lr()[0], resumed_from=start, steps_per_s=rate)
+        # every rank's peak resident memory and start-up time (MB, s): what a worker holds, measured
+        mine = [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, first_step_s]
+        every = [mine] * world
+        if world > 1:
+            dist.all_gather_object(every, mine)
+        for r, (rss, first) in enumerate(every):
+            metrics[f"peak_rss_mb/rank{r}"], metrics[f"first_step_s/rank{r}"] = rss, first
         if evaluate and rank == 0:
-            metrics["val_l1"] = validation_l1(unwrap(primary), val.src[: cfg.eval_tiles], val.dst[: cfg.eval_tiles],
-                                              device)
-        rngs = [None] * world
+            metrics["val_l1"] = validation_l1(unwrap(primary), *val, device)
+        rngs, cursors = [None] * world, [None] * world  # every rank's RNGs and data position, for the checkpoint
         if save:
             if world > 1:
                 dist.all_gather_object(rngs, rng_state())
+                dist.all_gather_object(cursors, stream.state_dict())
             else:
-                rngs = [rng_state()]
+                rngs, cursors = [rng_state()], [stream.state_dict()]
         if rank == 0:
             eta = (cfg.steps - done) / max(rate, 1e-9)
             extra = f", val L1 {metrics['val_l1']:.4f}" if "val_l1" in metrics else ""
@@ -137,10 +151,11 @@ def train_loop_per_worker(config: dict) -> None:
                 writer.flush()
         if save and rank == 0:
             with tempfile.TemporaryDirectory() as folder:
-                save_checkpoint(folder, unwrap(primary), unwrap(secondary), optims, done, sampler.state_dict(),
+                save_checkpoint(folder, unwrap(primary), unwrap(secondary), optims, done, cursors,
                                 rngs, cfg.to_dict(), config["fingerprint"])
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
         else:
             ray.train.report(metrics)
+    stream.close()
     if writer is not None:
         writer.close()

@@ -76,8 +76,26 @@ def test_resume_with_other_settings_is_refused(reference, dataset, vaes, tmp_pat
 
 
 def _train_workers() -> list[int]:
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [int(line.split()[0]) for line in out.splitlines() if "RayTrainWorker" in line]
+    """Ray Train worker processes of *this* test session's Ray (the raylet this process started spawns them):
+    descendants of this process, never a process found by name alone (another Ray may run on the machine)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            pid, rest = stat.read_text().split(" (", 1)
+        except OSError:
+            continue
+        children.setdefault(int(rest.rsplit(") ", 1)[1].split()[1]), []).append(int(pid))
+    mine, todo = [], [os.getpid()]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            mine.append(child)
+            todo.append(child)
+    def title(pid: int) -> str:
+        try:
+            return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            return ""
+    return sorted(pid for pid in mine if "RayTrainWorker" in title(pid))
 
 
 def _registered_steps(run: Path) -> list[int]:
@@ -90,9 +108,9 @@ def _registered_steps(run: Path) -> list[int]:
     return sorted(int(r["metrics"]["step"]) for r in snapshot["checkpoint_results"])
 
 
-def _start_driver(dataset: Path, runs: Path, name: str, ray_session) -> subprocess.Popen:
+def _start_driver(dataset: Path, runs: Path, name: str, ray_session, *extra: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "trainer", "train", "--data", str(dataset), "--src", "xl", "--dst", "v1",
-           "--out", str(runs), "--name", name, "--config", str(runs / "tiny.yaml")]
+           "--out", str(runs), "--name", name, "--config", str(runs / "tiny.yaml"), *extra]
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     log = open(runs / f"{name}.log", "w")  # noqa: SIM115  (closed with the process)
     return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -131,17 +149,23 @@ def test_worker_killed_mid_run_resumes_bit_exactly(reference, dataset, ray_sessi
     _assert_same(runs / "killed-worker", reference)
 
 
-def test_driver_killed_mid_run_then_rerun_resumes_bit_exactly(reference, dataset, ray_session, tmp_path, capsys):
+@pytest.mark.parametrize("workers", [2, 1])
+def test_driver_killed_mid_run_then_rerun_resumes_bit_exactly(workers, reference, dataset, ray_session, tmp_path,
+                                                              capsys):
     runs = tmp_path / "runs"
     _write_tiny_yaml(runs)
-    proc = _start_driver(dataset, runs, "killed-driver", ray_session)
+    cfg = TrainConfig(**(TINY | dict(workers=workers)))
+    if workers != TINY["workers"]:  # its own uninterrupted run
+        train(cfg, RunSpec(str(dataset), str(tmp_path / "ref"), "ref"))
+        reference = tmp_path / "ref" / "ref"
+    proc = _start_driver(dataset, runs, "killed-driver", ray_session, "--workers", str(workers))
     steps = _wait_for_checkpoint(runs / "killed-driver", proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert max(steps) < TINY["steps"], "the kill should land mid-run"
     assert not (runs / "killed-driver" / "export").exists()
     time.sleep(2)  # let Ray reap the dead job's workers
-    cfg = TrainConfig(**TINY)
+    capsys.readouterr()
     train(cfg, RunSpec(str(dataset), str(runs), "killed-driver"))
     out = capsys.readouterr().out
     resumed = re.search(r"resumed from step (\d+)", out)
