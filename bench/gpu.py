@@ -81,14 +81,14 @@ def main() -> None:
     print(f"convert  1x4x{side // 8}x{side // 8} {latent.dtype}: {sec * 1e3:.3f} ms (goal <= 1 ms)", flush=True)
 
     # 3. v4 bidirectional training steps/s (v1 -> xl recipe: p 1.0, r 1.4, b 1.0)
-    cfg = TrainConfig(src="v1", dst="xl", batch=16 if args.quick else 128, crop=32, r_loss_weight=1.4,
+    cfg = TrainConfig.of(src="v1", dst="xl", batch=16 if args.quick else 128, crop=32, r_loss_weight=1.4,
                       b_loss_weight=1.0, gpu=device.type == "cuda")
     primary, secondary = build_models(cfg)
     primary.to(device).to(memory_format=torch.channels_last)
     secondary.to(device).to(memory_format=torch.channels_last)
     optims = [build_optim(cfg, primary), build_optim(cfg, secondary)]
-    src = torch.randn(cfg.batch, 4, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
-    dst = torch.randn(cfg.batch, 4, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+    src = torch.randn(cfg.data.batch, 4, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+    dst = torch.randn(cfg.data.batch, 4, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
     step = [0]
 
     def one():
@@ -96,7 +96,7 @@ def main() -> None:
         step[0] += 1
 
     sec = timed(one, device, 5 if args.quick else 50, warmup=3)
-    print(f"train    batch {cfg.batch} of 32x32, p+r+b losses: {1 / sec:.1f} steps/s (goal >= 40)", flush=True)
+    print(f"train    batch {cfg.data.batch} of 32x32, p+r+b losses: {1 / sec:.1f} steps/s (goal >= 40)", flush=True)
 
 
 if __name__ == "__main__":

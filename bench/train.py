@@ -23,45 +23,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.build import start_ray  # noqa: E402
-from pipeline.schema import (  # noqa: E402
-    IMAGES_SCHEMA, TILES_SCHEMA, Manifest, SpaceEntry, images_path, latent_table, latents_path, tiles_path,
-)  # fmt: skip
-from pipeline.store import Store  # noqa: E402
+from interposer.cluster import start_ray  # noqa: E402
+from pipeline.standins import write_synthetic_dataset  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
 from trainer.data import CropStream, PairReader  # noqa: E402
 from trainer.driver import RunSpec, train  # noqa: E402
 from trainer.step import build_models, build_optim, train_step  # noqa: E402
-
-
-def synthetic_dataset(folder: Path, tiles: int, side: int) -> None:
-    """A complete dataset (xl and v1, `tiles` tiles of side x side latents) with random latents."""
-    store, rng = Store(folder), np.random.default_rng(0)
-    keys = [f"{i:064x}-00" for i in range(tiles)]
-    store.write_table(tiles_path(0), pa.Table.from_pylist(
-        [dict(tile_key=k, image_id=k[:64], uri=f"img{i}", tile_index=0, box=[0, 0, side * 8, side * 8])
-         for i, k in enumerate(keys)], schema=TILES_SCHEMA))
-    store.write_table(images_path(0), pa.Table.from_pylist(
-        [dict(image_id=k[:64], uri=f"img{i}", width=side * 8, height=side * 8, resized_width=side * 8,
-              resized_height=side * 8, tiles=1, nonfinite=0, status="ok") for i, k in enumerate(keys)],
-        schema=IMAGES_SCHEMA))
-    spaces = {}
-    for code in ("xl", "v1"):
-        lat = rng.standard_normal((tiles, 4, side, side)).astype(np.float16)
-        store.write_table(latents_path(code, 0), latent_table(keys, lat, None, (4, side, side)))
-        spaces[code] = SpaceEntry(vae="synthetic", subfolder=None, vae_class="AutoencoderKL", dtype="float32",
-                                  fingerprint=f"sha256:{code}", channels=4, factor=8, latent_shape=[4, side, side],
-                                  tiles=tiles)
-    manifest = Manifest(tile_size=side * 8, max_tiles=1, min_size=1, max_pixels=1 << 28, shard_size=tiles,
-                        sources=["synthetic"], spaces=spaces, shards=1, complete=True,
-                        counts=dict(listed=tiles, unique_images=tiles, images_ok=tiles, tiles=tiles, skipped={}))
-    store.write_bytes("manifest.json", manifest.to_json().encode())
 
 
 def main() -> None:
@@ -78,15 +49,15 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
     try:
         data = work / "data"
-        synthetic_dataset(data, tiles=256, side=64)
+        write_synthetic_dataset(data, images=256, tiles_per_image=1, shard_size=256)  # 4x64x64 xl and v1
         cpus = os.cpu_count() or 1
         base = dict(src="xl", dst="v1", batch=args.batch, crop=args.crop, fconst=10**9, val_fraction=0.0,
                     eval_every=10**9, log_every=10**9, workers=1, cpus_per_worker=cpus)
 
         # the bare loop: the same step function, sampler and batch, in this process
         torch.set_num_threads(cpus)
-        cfg = TrainConfig(**base, steps=args.steps, checkpoint_every=args.steps)
-        sampler = CropStream(PairReader(str(data), "xl", "v1", 0.0), cfg.crop, cfg.batch, cfg.seed, 0, 1)
+        cfg = TrainConfig.of(**base, steps=args.steps, checkpoint_every=args.steps)
+        sampler = CropStream(PairReader(str(data), "xl", "v1", 0.0), cfg.data.crop, cfg.data.batch, cfg.seed, 0, 1)
         primary, secondary = build_models(cfg)
         optims = [build_optim(cfg, primary)]
         device = torch.device("cpu")
@@ -108,7 +79,8 @@ def main() -> None:
             bare.append(statistics.median(rates[1:]) * args.batch)
 
             start_ray()  # as `interposer train` starts it
-            run_cfg = TrainConfig(**base | dict(log_every=args.window), steps=args.steps, checkpoint_every=args.steps)
+            run_cfg = TrainConfig.of(**base | dict(log_every=args.window), steps=args.steps,
+                                     checkpoint_every=args.steps)
             start = time.perf_counter()
             train(run_cfg, RunSpec(str(data), str(work / "runs"), f"r{r}"))
             walls.append(time.perf_counter() - start)

@@ -31,7 +31,7 @@ def test_cluster_yaml_is_valid_and_fits_what_the_commands_ask_for():
 
     encoder = default_requests()["encoder"]
     assert encoder["GPU"] == 1 and "encode_gpu" in fits(encoder)  # an encoder actor (and its decode threads)
-    train = worker_request(TrainConfig(gpu=True, workers=4))
+    train = worker_request(TrainConfig.of(gpu=True, workers=4))
     assert train == {"CPU": 1, "GPU": 1}
     assert "train_gpu" in fits(train, n=4)  # `--gpu --workers 4` fits one train node
 

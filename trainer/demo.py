@@ -107,7 +107,7 @@ def run_demo(out: str | Path, quick: bool = False) -> dict[str, Path]:
                       f"{max(_registered_steps(run_dir))}; rerunning the same command resumes it", flush=True)
         time.sleep(1)
         art["run"] = run_dir
-        art["export"] = train(TrainConfig(**recipe), RunSpec(str(art["dataset"]), str(runs), "xl-v1"))
+        art["export"] = train(TrainConfig.of(**recipe), RunSpec(str(art["dataset"]), str(runs), "xl-v1"))
         _done(t, f"run: {run_dir} (TensorBoard: {run_dir / 'tensorboard'}); export: {art['export']}")
 
         t = _stage(4, "interposer eval: the interposer against the VAE round trip and a linear baseline")

@@ -39,8 +39,8 @@ _FREE = ("max_failures", "log_every", "checkpoint_every", "eval_every", "eval_ti
 
 def worker_request(cfg: TrainConfig, cluster_cpus: int = 1) -> dict[str, float]:
     """Ray resources of one training worker (cluster.yaml's train nodes are sized to fit these)."""
-    cpus = cfg.cpus_per_worker or (1 if cfg.gpu else max(1, cluster_cpus // cfg.workers))
-    return {"CPU": cpus, "GPU": 1} if cfg.gpu else {"CPU": cpus}
+    cpus = cfg.resources.cpus_per_worker or (1 if cfg.resources.gpu else max(1, cluster_cpus // cfg.resources.workers))
+    return {"CPU": cpus, "GPU": 1} if cfg.resources.gpu else {"CPU": cpus}
 
 
 def pair_fingerprint(manifest, src: str, dst: str) -> str:
@@ -100,8 +100,11 @@ def _check_resume(cfg: TrainConfig, spec: RunSpec, fingerprint: str) -> dict | N
     if record["dataset_fingerprint"] != fingerprint:
         diffs.append(f"--data: the run was trained on {record['data']} ({record['dataset_fingerprint'][:19]}...), "
                      f"this is {spec.data} ({fingerprint[:19]}...)")
-    new = cfg.to_dict()
-    for key, old in record["config"].items():
+    new, recorded = cfg.flat(), record["config"]
+    if any(isinstance(v, dict) for v in recorded.values()):  # grouped (flat in records of older versions)
+        recorded = {k: v for key, value in recorded.items()
+                    for k, v in (value.items() if isinstance(value, dict) else [(key, value)])}
+    for key, old in recorded.items():
         if key not in _FREE and new.get(key) != old:
             diffs.append(f"{key}: the run has {old!r}, you asked {new.get(key)!r}")
     if diffs:
@@ -117,22 +120,22 @@ def _check_data(cfg: TrainConfig, data: str, manifest) -> bool:
     from .data import is_validation
 
     side = manifest.spaces[cfg.src].latent_shape[1:]
-    if cfg.crop > min(side):
-        raise ValueError(f"--crop {cfg.crop} is larger than the {cfg.src} latents of {data} ({side[0]}x{side[1]}, "
+    if cfg.data.crop > min(side):
+        raise ValueError(f"--crop {cfg.data.crop} is larger than the {cfg.src} latents of {data} ({side[0]}x{side[1]}, "
                          f"from {manifest.tile_size} px tiles); pass --crop {min(side)} or less")
     store, found, images = DatasetFiles(data), {True: False, False: False}, 0
     for shard in range(manifest.shards):
         for r in store.read_table(images_path(shard), columns=["image_id", "status", "tiles"]).to_pylist():
             if r["status"] == "ok" and r["tiles"]:
                 images += 1
-                found[is_validation(r["image_id"], cfg.val_fraction)] = True
+                found[is_validation(r["image_id"], cfg.data.val_fraction)] = True
         if all(found.values()):
             break
     if not found[False]:
-        raise ValueError(f"--val-fraction {cfg.val_fraction} holds out every image of {data} ({images}); "
+        raise ValueError(f"--val-fraction {cfg.data.val_fraction} holds out every image of {data} ({images}); "
                          "pass a smaller --val-fraction")
-    if cfg.val_fraction and not found[True]:
-        warnings.warn(f"--val-fraction {cfg.val_fraction}: no image of {data} ({images} images) falls in the "
+    if cfg.data.val_fraction and not found[True]:
+        warnings.warn(f"--val-fraction {cfg.data.val_fraction}: no image of {data} ({images} images) falls in the "
                       "validation share; training without validation (a larger --val-fraction holds some out)",
                       stacklevel=2)
     return found[True]
@@ -153,8 +156,9 @@ def train(cfg: TrainConfig, spec: RunSpec) -> Path | str:
         return Path(export) if _local(spec.out) else export
     store.write_bytes(RUN_RECORD, json.dumps(dict(config=cfg.to_dict(), data=spec.data,
                                                   dataset_fingerprint=fingerprint, finished=None), indent=2).encode())
-    print(f"[train] {cfg.src} -> {cfg.dst} on {spec.data}: {cfg.steps} steps, batch {cfg.batch} of {cfg.crop}px "
-          f"crops, {cfg.workers} worker(s){' on GPU' if cfg.gpu else ''}; run {_run_dir(spec)}"
+    print(f"[train] {cfg.src} -> {cfg.dst} on {spec.data}: {cfg.schedule.steps} steps, batch {cfg.data.batch} of "
+          f"{cfg.data.crop}px crops, {cfg.resources.workers} worker(s){' on GPU' if cfg.resources.gpu else ''}; "
+          f"run {_run_dir(spec)}"
           + (" (resuming)" if record else ""), flush=True)
 
     # Ray Train v2 otherwise also routes every worker print through a logger: each progress line twice
@@ -177,10 +181,11 @@ def train(cfg: TrainConfig, spec: RunSpec) -> Path | str:
             train_loop_config=dict(cfg=cfg.to_dict(), data=spec.data, fingerprint=fingerprint, threads=cpus,
                                    has_val=has_val, started_at=begun,
                                    tensorboard=f"{_run_dir(spec)}/tensorboard" if _local(spec.out) else None),
-            scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu, resources_per_worker=request),
+            scaling_config=ScalingConfig(num_workers=cfg.resources.workers, use_gpu=cfg.resources.gpu,
+                                         resources_per_worker=request),
             run_config=RunConfig(name=spec.name, storage_path=storage,
-                                 failure_config=FailureConfig(max_failures=cfg.max_failures),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep)),
+                                 failure_config=FailureConfig(max_failures=cfg.resources.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep)),
         )
         start = time.perf_counter()
         result = trainer.fit()
@@ -214,9 +219,9 @@ def _export(primary: InterposerModel, cfg: TrainConfig, spec: RunSpec) -> None:
     """RUNS/NAME/export/: our format (model.safetensors + config.json) and the released layout file."""
     with tempfile.TemporaryDirectory() as tmp:
         save_interposer(primary, tmp, cfg.src, cfg.dst, version=spec.rev,
-                        extra=dict(trained_steps=cfg.steps, data=spec.data, val_fraction=cfg.val_fraction,
-                                   seed=cfg.seed))
-        if (cfg.ch_mid, cfg.blocks) == (64, 12):  # the v4 architecture: also the file layout v4 loaders know
+                        extra=dict(trained_steps=cfg.schedule.steps, data=spec.data,
+                                   val_fraction=cfg.data.val_fraction, seed=cfg.seed))
+        if (cfg.model.ch_mid, cfg.model.blocks) == (64, 12):  # the v4 architecture: also the layout v4 loaders know
             save_released(primary, Path(tmp) / f"{cfg.src}-to-{cfg.dst}_interposer-{spec.rev}.safetensors")
         store = _store(spec)
         for p in sorted(Path(tmp).iterdir()):

@@ -43,14 +43,14 @@ def train_loop_per_worker(config: dict) -> None:
     import torch.distributed as dist
     from ray.train import Checkpoint
 
-    cfg = TrainConfig(**config["cfg"])
+    cfg = TrainConfig.from_dict(config["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device() if cfg.gpu else torch.device("cpu")
+    device = ray.train.torch.get_device() if cfg.resources.gpu else torch.device("cpu")
     torch.set_num_threads(config.get("threads", 1))
 
-    reader = PairReader(config["data"], cfg.src, cfg.dst, cfg.val_fraction)
-    stream = CropStream(reader, cfg.crop, cfg.batch, cfg.seed, rank, world)  # this rank's share, streamed
+    reader = PairReader(config["data"], cfg.src, cfg.dst, cfg.data.val_fraction)
+    stream = CropStream(reader, cfg.data.crop, cfg.data.batch, cfg.seed, rank, world)  # this rank's share, streamed
     primary, secondary = build_models(cfg)
     optims = {"primary": build_optim(cfg, primary)}
     if cfg.uses_secondary:
@@ -62,7 +62,7 @@ def train_loop_per_worker(config: dict) -> None:
         with checkpoint.as_directory() as folder:
             # the real checkpoint folder (local storage) has its siblings beside it, for the fallback
             where = checkpoint.path if _is_local(checkpoint) else folder
-            state, _ = load_with_fallback(where, primary, secondary, optims, cfg.fallback_checkpoint)
+            state, _ = load_with_fallback(where, primary, secondary, optims, cfg.checkpoint.fallback_checkpoint)
         start = int(state["step"])
         if "data" not in state:
             raise ValueError(f"checkpoint {checkpoint.path} was written by an older version (whole-dataset loader); "
@@ -80,13 +80,13 @@ def train_loop_per_worker(config: dict) -> None:
     else:
         secondary = secondary.to(device)
     unwrap = lambda m: getattr(m, "module", m)  # noqa: E731
-    decoder = _decoder(cfg, config["data"], device) if cfg.decoded_loss_weight else None
+    decoder = _decoder(cfg, config["data"], device) if cfg.loss.decoded_loss_weight else None
 
     # whether a step evaluates must be decided the same on every rank: it decides a collective below
-    has_val = config.get("has_val", bool(cfg.val_fraction))
+    has_val = config.get("has_val", bool(cfg.data.val_fraction))
     val = None
     if rank == 0 and has_val:  # the first eval_tiles validation tiles, and only their row groups
-        val = reader.take("val", cfg.eval_tiles)
+        val = reader.take("val", cfg.log.eval_tiles)
         val = torch.from_numpy(val.src), torch.from_numpy(val.dst)
     writer = None
     if rank == 0 and config.get("tensorboard"):
@@ -95,7 +95,7 @@ def train_loop_per_worker(config: dict) -> None:
         writer = SummaryWriter(config["tensorboard"], purge_step=start)
 
     t0, last_step, first_step_s = time.perf_counter(), start, None
-    for step in range(start, cfg.steps):
+    for step in range(start, cfg.schedule.steps):
         torch.manual_seed(step_seed(cfg.seed, step, rank, 2))  # dropout: a function of (seed, step, rank)
         src, dst = stream.next(step)
         losses = train_step(cfg, primary, secondary, list(optims.values()), src, dst, device, decoder, step)
@@ -104,11 +104,11 @@ def train_loop_per_worker(config: dict) -> None:
             first_step_s = time.time() - config.get("started_at", time.time())
 
         preempted = False
-        if world > 1 and done % cfg.preemption_check_every == 0:
+        if world > 1 and done % cfg.checkpoint.preemption_check_every == 0:
             preempted = ray.train.get_preemption_info() is not None  # a barrier: every rank asks
-        save = done % cfg.checkpoint_every == 0 or done == cfg.steps or preempted
-        log = done % cfg.log_every == 0 or save
-        evaluate = (done % cfg.eval_every == 0 or done == cfg.steps) and has_val  # the same on every rank
+        save = done % cfg.checkpoint.checkpoint_every == 0 or done == cfg.schedule.steps or preempted
+        log = done % cfg.log.log_every == 0 or save
+        evaluate = (done % cfg.log.eval_every == 0 or done == cfg.schedule.steps) and has_val  # the same on every rank
         if not (log or evaluate):
             continue
 
@@ -139,10 +139,10 @@ def train_loop_per_worker(config: dict) -> None:
             else:
                 rngs, cursors = [rng_state()], [stream.state_dict()]
         if rank == 0:
-            eta = (cfg.steps - done) / max(rate, 1e-9)
+            eta = (cfg.schedule.steps - done) / max(rate, 1e-9)
             extra = f", val L1 {metrics['val_l1']:.4f}" if "val_l1" in metrics else ""
             notice = "  (preemption notice: checkpoint)" if preempted else ""
-            print(f"[train] step {done}/{cfg.steps}  {rate:.2f} steps/s  loss {metrics['loss']:.4f}{extra}  "
+            print(f"[train] step {done}/{cfg.schedule.steps}  {rate:.2f} steps/s  loss {metrics['loss']:.4f}{extra}  "
                   f"lr {metrics['lr']:.2e}  ETA {eta / 60:.1f} min{notice}", flush=True)
             if writer is not None:
                 for k, v in metrics.items():

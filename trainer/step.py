@@ -36,16 +36,18 @@ def build_models(cfg: TrainConfig) -> tuple[InterposerModel, InterposerModel]:
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Multiplier of cfg.lr at `step`: 1 for fconst steps, then cosine down to 1e-8 / lr at the last step."""
-    if step < cfg.fconst or cfg.steps <= cfg.fconst:
+    """Multiplier of cfg.optim.lr at `step`: 1 for fconst steps, then cosine down to 1e-8 / lr at the last step."""
+    s = cfg.schedule
+    if not s.cosine or step < s.fconst or s.steps <= s.fconst:
         return 1.0
-    t = min(1.0, (step - cfg.fconst) / max(1, cfg.steps - cfg.fconst))
-    floor = 1e-8 / cfg.lr
+    t = min(1.0, (step - s.fconst) / max(1, s.steps - s.fconst))
+    floor = 1e-8 / cfg.optim.lr
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
 
 
 def build_optim(cfg: TrainConfig, model: torch.nn.Module):
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    o = cfg.optim
+    opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     return opt, sched
 
@@ -61,29 +63,29 @@ def compute_losses(cfg: TrainConfig, primary, secondary, src: torch.Tensor, dst:
     """The weighted v4 losses for one batch of aligned crops (src (B, Cs, h, w), dst (B, Cd, h', w'))."""
     zero = src.new_zeros(())
     parts: dict[str, torch.Tensor] = {}
-    out = primary(src) if (cfg.p_loss_weight or cfg.r_loss_weight or cfg.dc_loss_weight
-                           or cfg.decoded_loss_weight) else None
-    if cfg.p_loss_weight:
+    out = primary(src) if (cfg.loss.p_loss_weight or cfg.loss.r_loss_weight or cfg.loss.dc_loss_weight
+                           or cfg.loss.decoded_loss_weight) else None
+    if cfg.loss.p_loss_weight:
         parts["p"] = F.l1_loss(out, dst)
-    if cfg.b_loss_weight or cfg.h_loss_weight:
+    if cfg.loss.b_loss_weight or cfg.loss.h_loss_weight:
         back = secondary(dst)
-        if cfg.b_loss_weight:
+        if cfg.loss.b_loss_weight:
             parts["b"] = F.l1_loss(back, src)
-        if cfg.h_loss_weight:
+        if cfg.loss.h_loss_weight:
             parts["h"] = F.l1_loss(primary(back), dst)
-    if cfg.r_loss_weight:
+    if cfg.loss.r_loss_weight:
         parts["r"] = F.l1_loss(secondary(out), src)
-    if cfg.dc_loss_weight:
+    if cfg.loss.dc_loss_weight:
         parts["dc"] = F.l1_loss(out.mean(dim=(2, 3)), dst.mean(dim=(2, 3)))
-    if cfg.decoded_loss_weight and decoder is not None and step % cfg.decoded_every == 0:
-        c = min(cfg.decoded_crop, out.shape[-1])
+    if cfg.loss.decoded_loss_weight and decoder is not None and step % cfg.loss.decoded_every == 0:
+        c = min(cfg.loss.decoded_crop, out.shape[-1])
         pred = decoder(out[..., :c, :c])  # (B, 3, c*f, c*f): gradients flow through the frozen decoder
         with torch.no_grad():
             target = decoder(dst[..., :c, :c])
         parts["decoded"] = F.l1_loss(pred, target)
     total = zero
     for name, value in parts.items():
-        total = total + getattr(cfg, f"{name}_loss_weight") * value
+        total = total + getattr(cfg.loss, f"{name}_loss_weight") * value
     return Losses(total, {k: float(v.detach()) for k, v in parts.items()})
 
 
@@ -99,8 +101,8 @@ def train_step(cfg: TrainConfig, primary, secondary, optims, src, dst, device, d
         losses = compute_losses(cfg, primary, secondary, src, dst, decoder, step)
     losses.total.backward()
     for opt, sched in optims:
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
+        if cfg.optim.grad_clip:
+            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.optim.grad_clip)
         opt.step()
         sched.step()
     return losses

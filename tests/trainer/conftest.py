@@ -23,7 +23,7 @@ def dataset(ray_session, photos, vaes, tmp_path_factory) -> Path:
 def reference(dataset, tmp_path_factory) -> Path:
     """An uninterrupted run: what every interrupted run must end equal to."""
     runs = tmp_path_factory.mktemp("runs")
-    train(TrainConfig(**TINY), RunSpec(str(dataset), str(runs), "ref"))
+    train(TrainConfig.of(**TINY), RunSpec(str(dataset), str(runs), "ref"))
     return runs / "ref"
 
 

@@ -126,7 +126,7 @@ def test_an_empty_train_split_is_named(tmp_path):
 
 
 def test_checkpoint_save_change_load(tmp_path):
-    cfg = TrainConfig(ch_mid=8, blocks=1, batch=4, crop=8, steps=10, b_loss_weight=1.0)
+    cfg = TrainConfig.of(ch_mid=8, blocks=1, batch=4, crop=8, steps=10, b_loss_weight=1.0)
     primary, secondary = build_models(cfg)
     optims = {"primary": build_optim(cfg, primary), "secondary": build_optim(cfg, secondary)}
     src, dst = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
@@ -138,7 +138,7 @@ def test_checkpoint_save_change_load(tmp_path):
     expected = {k: v.clone() for k, v in primary.state_dict().items()}
     expected_avg = optims["primary"][0].state_dict()["state"][0]["exp_avg"].clone()
 
-    p2, s2 = build_models(TrainConfig(ch_mid=8, blocks=1, batch=4, crop=8, steps=10, b_loss_weight=1.0, seed=9))
+    p2, s2 = build_models(TrainConfig.of(ch_mid=8, blocks=1, batch=4, crop=8, steps=10, b_loss_weight=1.0, seed=9))
     optims2 = {"primary": build_optim(cfg, p2), "secondary": build_optim(cfg, s2)}
     random.seed(0), np.random.seed(0), torch.manual_seed(0)
     state = load_checkpoint(tmp_path / "ck", p2, s2, optims2)
@@ -153,7 +153,7 @@ def test_checkpoint_save_change_load(tmp_path):
 
 
 def test_corrupt_checkpoint_names_the_folder(tmp_path):
-    cfg = TrainConfig(ch_mid=8, blocks=1, batch=4, crop=8, steps=10)
+    cfg = TrainConfig.of(ch_mid=8, blocks=1, batch=4, crop=8, steps=10)
     primary, secondary = build_models(cfg)
     optims = {"primary": build_optim(cfg, primary)}
     folder = save_checkpoint(tmp_path / "ck", primary, secondary, optims, 1, [{"epoch": 0}], [rng_state()],
@@ -167,7 +167,7 @@ def test_corrupt_checkpoint_names_the_folder(tmp_path):
 def test_truncated_latest_checkpoint_falls_back_only_when_asked(tmp_path):
     from trainer.checkpoint import load_with_fallback
 
-    cfg = TrainConfig(ch_mid=8, blocks=1, batch=4, crop=8, steps=10)
+    cfg = TrainConfig.of(ch_mid=8, blocks=1, batch=4, crop=8, steps=10)
     primary, secondary = build_models(cfg)
     optims = {"primary": build_optim(cfg, primary)}
     src, dst = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)

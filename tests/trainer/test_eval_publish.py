@@ -52,6 +52,16 @@ def test_eval_rows_and_eval_json(reference, dataset, tmp_path):
     assert cli.returncode == 0, cli.stderr
     assert "round trip" in cli.stdout and "linear" in cli.stdout
     assert json.loads(out.read_text())["tiles"] == 4
+    # --split val without --val-fraction: the run's own share (0.2 in TINY), recorded in its export
+    from trainer.data import PairReader
+
+    held_out = len(PairReader(str(dataset), "xl", "v1", 0.2).take("val"))
+    assert held_out != len(PairReader(str(dataset), "xl", "v1", 0.02).take("all"))
+    cli = run("-m", "interposer", "eval", "--model", str(reference), "--data", str(dataset), "--split", "val",
+              "--limit", "0", "--out", str(out))
+    assert cli.returncode == 0, cli.stderr
+    assert "validation share 0.2 (the run's own" in cli.stdout
+    assert json.loads(out.read_text())["tiles"] == held_out
 
 
 @pytest.fixture

@@ -9,15 +9,15 @@ from trainer.step import build_models, build_optim, compute_losses, lr_factor, t
 
 
 def _cfg(**kw) -> TrainConfig:
-    return TrainConfig(**dict(dict(ch_mid=16, blocks=2, batch=8, crop=8, steps=100, fconst=60), **kw))
+    return TrainConfig.of(**dict(dict(ch_mid=16, blocks=2, batch=8, crop=8, steps=100, fconst=60), **kw))
 
 
 def test_lr_schedule():
     cfg = _cfg()
     assert lr_factor(0, cfg) == lr_factor(59, cfg) == 1.0
-    floor = 1e-8 / cfg.lr
+    floor = 1e-8 / cfg.optim.lr
     assert lr_factor(80, cfg) == pytest.approx(floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * 0.5)), rel=1e-9)
-    assert lr_factor(100, cfg) * cfg.lr == pytest.approx(1e-8)
+    assert lr_factor(100, cfg) * cfg.optim.lr == pytest.approx(1e-8)
     opt, sched = build_optim(cfg, torch.nn.Linear(2, 2))
     lrs = []
     for _ in range(100):

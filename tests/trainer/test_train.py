@@ -49,13 +49,13 @@ def test_run_exports_a_loadable_interposer_and_a_rerun_does_nothing(reference, d
     assert all(e.value > 0 for e in rates)
     assert [e.step for e in board.Scalars("loss")] == [10, 20, 30, 40, 50, 60]
     before = _final(reference)
-    train(TrainConfig(**TINY), RunSpec(str(dataset), str(reference.parent), "ref"))
+    train(TrainConfig.of(**TINY), RunSpec(str(dataset), str(reference.parent), "ref"))
     assert "already finished at step 60; nothing to do" in capsys.readouterr().out
     assert all(torch.equal(before[k], v) for k, v in _final(reference).items())
 
 
 def test_v4_architecture_also_exports_the_released_layout(dataset, tmp_path):
-    cfg = TrainConfig(**(TINY | dict(ch_mid=64, blocks=12, steps=2, checkpoint_every=2, workers=1,
+    cfg = TrainConfig.of(**(TINY | dict(ch_mid=64, blocks=12, steps=2, checkpoint_every=2, workers=1,
                                       b_loss_weight=0.0, r_loss_weight=0.0)))
     export = train(cfg, RunSpec(str(dataset), str(tmp_path), "v4", rev="v5.0"))
     released = export / "xl-to-v1_interposer-v5.0.safetensors"
@@ -66,13 +66,13 @@ def test_v4_architecture_also_exports_the_released_layout(dataset, tmp_path):
 
 def test_resume_with_other_settings_is_refused(reference, dataset, vaes, tmp_path):
     with pytest.raises(ValueError, match=r"exists with different settings \(lr: the run has 0.0005, you asked 0.001\)"):
-        train(TrainConfig(**(TINY | dict(lr=1e-3))), RunSpec(str(dataset), str(reference.parent), "ref"))
+        train(TrainConfig.of(**(TINY | dict(lr=1e-3))), RunSpec(str(dataset), str(reference.parent), "ref"))
     other = tmp_path / "other-data"
     build(BuildConfig(images=[str(Path(json.loads((dataset / "manifest.json").read_text())["sources"][0]))],
                       spaces=[f"v1={vaes['v1']}", f"xl={vaes['xl']}"], out=str(other), tile_size=64, max_tiles=3,
                       min_size=64, shard_size=2, quiet=True))
     with pytest.raises(ValueError, match=r"--data: the run was trained on .*xl-v1"):
-        train(TrainConfig(**TINY), RunSpec(str(other), str(reference.parent), "ref"))
+        train(TrainConfig.of(**TINY), RunSpec(str(other), str(reference.parent), "ref"))
 
 
 def _train_workers() -> list[int]:
@@ -154,7 +154,7 @@ def test_driver_killed_mid_run_then_rerun_resumes_bit_exactly(workers, reference
                                                               capsys):
     runs = tmp_path / "runs"
     _write_tiny_yaml(runs)
-    cfg = TrainConfig(**(TINY | dict(workers=workers)))
+    cfg = TrainConfig.of(**(TINY | dict(workers=workers)))
     if workers != TINY["workers"]:  # its own uninterrupted run
         train(cfg, RunSpec(str(dataset), str(tmp_path / "ref"), "ref"))
         reference = tmp_path / "ref" / "ref"
@@ -206,7 +206,7 @@ def test_a_validation_share_with_no_image_trains_without_validation_in_one_warni
     manifest = read_manifest(str(dataset))
     with pytest.warns(UserWarning, match=r"^--val-fraction 1e-09: no image of .* \(5 images\) falls in the validation "
                                          r"share; training without validation"):
-        assert _check_data(TrainConfig(**(TINY | dict(val_fraction=1e-9))), str(dataset), manifest) is False
+        assert _check_data(TrainConfig.of(**(TINY | dict(val_fraction=1e-9))), str(dataset), manifest) is False
 
 
 def test_two_workers_evaluating_every_3_steps_with_a_real_validation_split_finish(ray_session, dataset, tmp_path):
