@@ -5,9 +5,10 @@ number of tiles, and the streaming loader against the whole-dataset-in-memory lo
     python bench/scale_train.py --tiles 2000 8000 --steps 40
 
 Datasets are written straight in the pipeline's format (pipeline.standins.write_synthetic_dataset: random
-xl and v1 latents, 6 tiles per image, 64 images per shard; no VAE). For each size, `interposer train` runs as
-users run it (Ray Train, --workers, 1 CPU and 1 torch thread each) and every worker reports its own peak RSS
-(getrusage) and its start-up (from the command's start to its first step) to TensorBoard; steps/s is the
+xl and v1 latents, 6 tiles per image, 64 images per shard; no VAE). For each size, `interposer train` runs
+as users run it (Ray Train, --workers, 1 CPU and 1 torch thread each; by default a network lighter than v4,
+so that the loader's share of a step is larger and the comparison stricter) and every worker reports its
+own peak RSS (getrusage) and its start-up (from the command's start to its first step) to TensorBoard; steps/s is the
 median over log windows after the first. Then, in this process and on the smallest set, the same step
 function alternates windows fed by the streaming loader and by an in-memory loader (the previous
 trainer/data.py, kept here as the baseline): the ratio is their rate, side by side.
@@ -112,42 +113,52 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiles", type=int, nargs="+", default=[2000, 8000, 32000], help="dataset sizes in tiles")
     parser.add_argument("--workers", type=int, default=2, help="Ray Train workers (default 2)")
-    parser.add_argument("--steps", type=int, default=60, help="steps per run (default 60)")
-    parser.add_argument("--window", type=int, default=10, help="steps per log window (default 10)")
+    parser.add_argument("--steps", type=int, default=120, help="steps per run (default 120)")
+    parser.add_argument("--window", type=int, default=20, help="steps per log window (default 20)")
+    parser.add_argument("--size-rounds", type=int, default=2, help="runs of each N, up and down the sizes (2)")
     parser.add_argument("--batch", type=int, default=16, help="global batch of crops (default 16)")
     parser.add_argument("--crop", type=int, default=32, help="crop side (default 32)")
-    parser.add_argument("--width", type=int, default=64, help="network width (default 64, v4)")
-    parser.add_argument("--blocks", type=int, default=12, help="residual blocks (default 12, v4)")
+    parser.add_argument("--width", type=int, default=32, help="network width (default 32; v4 is 64)")
+    parser.add_argument("--blocks", type=int, default=4, help="residual blocks (default 4; v4 is 12)")
     parser.add_argument("--rounds", type=int, default=4, help="alternating rounds of the loader comparison")
     args = parser.parse_args()
     import ray
 
     work = Path(tempfile.mkdtemp(prefix="bench-scale-train-"))
     try:
-        rows, sets = [], {}
+        sets, runs = {}, {n: [] for n in args.tiles}
         for n in args.tiles:
             images = math.ceil(n / TILES_PER_IMAGE)
             start = time.perf_counter()
             sets[n] = write_synthetic_dataset(work / f"data-{n}", images, TILES_PER_IMAGE, SHARD_IMAGES, seed=n)
-            written = time.perf_counter() - start
-            start_ray()
-            got = run_ray(sets[n], work / "runs", f"n{n}", args)
-            ray.shutdown()
-            rows.append((n, got))
             gib = n * 2 * 4 * 64 * 64 * 2 / 2**30
-            print(f"N={n:6d} tiles ({images} images, {math.ceil(images / SHARD_IMAGES)} shards, {gib:.2f} GiB of "
-                  f"latents; written in {written:.1f} s): peak RSS per worker "
-                  f"{', '.join(f'{m:.0f}' for m in got['rss'])} MB, {got['rate']:.2f} steps/s, first step after "
-                  f"{', '.join(f'{f:.1f}' for f in got['first'])} s, whole run {got['wall']:.1f} s", flush=True)
+            print(f"N={n:6d} tiles: {images} images, {math.ceil(images / SHARD_IMAGES)} shards, {gib:.2f} GiB of "
+                  f"latents, written in {time.perf_counter() - start:.1f} s", flush=True)
+        # rounds go up and down the sizes (2k 8k 32k 32k 8k 2k ...), so a slow minute of this shared machine
+        # does not land on one N only
+        order = [n for r in range(args.size_rounds) for n in (args.tiles if r % 2 == 0 else args.tiles[::-1])]
+        for i, n in enumerate(order):
+            start_ray()
+            got = run_ray(sets[n], work / "runs", f"n{n}-{i}", args)
+            ray.shutdown()
+            runs[n].append(got)
+            print(f"N={n:6d} run {len(runs[n])}: peak RSS per worker {', '.join(f'{m:.0f}' for m in got['rss'])} MB, "
+                  f"{got['rate']:.2f} steps/s, first step after {', '.join(f'{f:.1f}' for f in got['first'])} s, "
+                  f"whole run {got['wall']:.1f} s", flush=True)
             shutil.rmtree(work / "runs", ignore_errors=True)
+        rows = [(n, dict(rss=[max(r["rss"][w] for r in runs[n]) for w in range(args.workers)],
+                         rate=statistics.mean(r["rate"] for r in runs[n]),
+                         first=[statistics.mean(r["first"][w] for r in runs[n]) for w in range(args.workers)]))
+                for n in args.tiles]
         stream, memory = loaders_side_by_side(sets[min(sets)], args)
 
         small, large = rows[0][1], rows[-1][1]
         rates = [g["rate"] for _, g in rows]
         print(f"machine      {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
               f"ray {ray.__version__}")
-        print(f"workload     {args.workers} workers x 1 thread, v4-shaped network {args.width}x{args.blocks}, batch "
-              f"{args.batch} of {args.crop}x{args.crop} crops, {args.steps} steps, fp32 CPU")
+        print(f"workload     {args.workers} workers x 1 thread, network {args.width} wide x {args.blocks} blocks, "
+              f"batch {args.batch} of {args.crop}x{args.crop} crops, {args.steps} steps, fp32 CPU, "
+              f"{args.size_rounds} runs of each N (RSS: the larger; steps/s and start-up: the mean)")
         limit = 1.1 * max(small["rss"]) + 100
         print(f"memory       peak RSS at N={rows[-1][0]}: {max(large['rss']):.0f} MB vs {max(small['rss']):.0f} MB "
               f"at N={rows[0][0]} (goal <= {limit:.0f}): {'met' if max(large['rss']) <= limit else 'NOT met'}")
