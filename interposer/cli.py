@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .spaces import RELEASE_REPO, RELEASE_VERSION, RELEASED_PAIRS, SPACES, get_space, space_names
+from .spaces import RELEASE_REPO, RELEASE_VERSION, RELEASED_PAIRS, all_spaces, get_space, is_builtin, space_names
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 
@@ -34,11 +34,11 @@ class UsageError(Exception):
     """A mistake in what the user asked for: reported in one line, exit status 2."""
 
 
-def _space(name: str) -> str:
+def _space(name: str, flag: str) -> str:
     try:
         return get_space(name).code
     except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+        raise UsageError(f"{flag}: {e}") from None
 
 
 def _add_convert(sub) -> None:
@@ -47,8 +47,9 @@ def _add_convert(sub) -> None:
                        ".safetensors (tensor 'samples' or the only tensor), .latent (ComfyUI SaveLatent, raw), .npy.")
     p.add_argument("input", type=Path, help="latent file to read (.safetensors, .latent or .npy)")
     p.add_argument("output", type=Path, help="latent file to write (.safetensors, .latent or .npy); written atomically")
-    p.add_argument("--src", type=_space, required=True, help=f"latent space of the input: {space_names()}")
-    p.add_argument("--dst", type=_space, required=True, help="latent space to convert to (same names)")
+    p.add_argument("--src", required=True, help=f"latent space of the input: {space_names()}, or a space defined "
+                   "by its VAE that the --weights folder records")
+    p.add_argument("--dst", required=True, help="latent space to convert to (same names)")
     p.add_argument("--weights", type=Path, default=None,
                    help="interposer weights: one of our folders or a released-layout .safetensors file "
                    "(default: $INTERPOSER_HOME, then the Hub)")
@@ -66,6 +67,10 @@ def _cmd_convert(args) -> int:
 
     from .converter import convert
     from .latent_io import read_latent, write_latent, SUFFIXES
+    from .weights import register_spaces_of
+
+    register_spaces_of(args.weights)  # an export of a space defined by its VAE carries its definition
+    args.src, args.dst = _space(args.src, "--src"), _space(args.dst, "--dst")
 
     if args.output.suffix.lower() not in SUFFIXES:
         raise UsageError(f"{args.output}: unknown output type {args.output.suffix or '(none)'!r}; "
@@ -101,13 +106,24 @@ def _add_list(sub) -> None:
 def _cmd_list(args) -> int:
     from .weights import find_local, hub_cached, interposer_home
 
-    print("Latent spaces (interposers map raw VAE latents):")
+    from .weights import register_spaces_of
+
+    home, local_models = interposer_home(), []
+    for folder in sorted(home.iterdir()) if home.is_dir() else []:  # spaces defined by their VAE travel in exports
+        try:
+            if register_spaces_of(folder):
+                local_models.append(folder)
+        except ValueError as e:  # a name clash: say so, list the rest
+            print(f"warning: {folder}: {e}")
+    print("Latent spaces (interposers map raw VAE latents; * = defined by its VAE, from a model in "
+          f"{home}):")
     print(f"  {'code':<5} {'ch':>3} {'f':>2}  {'scaled layout':<28} {'default VAE':<66} aliases")
-    for s in SPACES:
+    for s in all_spaces():
         scaled = {"factor": (f"(x - {s.shift:g})" if s.shift else "x") + f" * {s.scale:.6g}",
                   "per_channel": "(x - mean[c]) / std[c]", "vae_batchnorm": "VAE batch-norm stats"}[s.scaling]
         vae = f"{s.vae_class} {s.vae_repo}" + (f" ({s.vae_subfolder})" if s.vae_subfolder else "")
-        print(f"  {s.code:<5} {s.channels:>3} {s.factor:>2}  {scaled:<28} {vae:<66} {', '.join(s.aliases)}")
+        code = s.code if is_builtin(s.code) else f"{s.code}*"
+        print(f"  {code:<5} {s.channels:>3} {s.factor:>2}  {scaled:<28} {vae:<66} {', '.join(s.aliases)}")
     print(f"\nReleased {RELEASE_VERSION} interposers ({RELEASE_REPO}); local folder: {interposer_home()}")
     for src, dst in RELEASED_PAIRS:
         if (local := find_local(src, dst)) is not None:
@@ -117,6 +133,8 @@ def _cmd_list(args) -> int:
         else:
             where = "not present (downloaded from the Hub on first use)"
         print(f"  {src:>3} -> {dst:<3} {where}")
+    for folder in local_models:
+        print(f"  local model {folder.name}: {folder}")
     return 0
 
 

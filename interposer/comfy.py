@@ -22,7 +22,7 @@ import torch
 from .converter import convert
 from .spaces import SPACES
 
-_CODES = [s.code for s in SPACES]  # every registered space: trained pairs beyond the released ones work too
+_CODES = [s.code for s in SPACES]  # every registry space: trained pairs beyond the released ones work too
 
 
 def model_dirs() -> list[Path]:
@@ -44,6 +44,21 @@ def model_dirs() -> list[Path]:
     return [d for d in dict.fromkeys(dirs) if d.is_dir()]
 
 
+def local_spaces() -> list[str]:
+    """Codes of the spaces defined by their VAE that models in $INTERPOSER_HOME and model_dirs() carry,
+    registered in this process (a model folder with a clashing definition is skipped)."""
+    from .weights import interposer_home, register_spaces_of
+
+    codes = []
+    for base in (interposer_home(), *model_dirs()):
+        for folder in sorted(base.iterdir()) if base.is_dir() else []:
+            try:
+                codes += [c for c in register_spaces_of(folder) if c not in _CODES and c not in codes]
+            except (ValueError, OSError):
+                continue
+    return codes
+
+
 def _run_device(latent: torch.Tensor) -> tuple[torch.device, torch.dtype]:
     """Where to run: the latent's device; for CPU latents inside ComfyUI, ComfyUI's torch device.
     Half precision on a GPU (the network is small and well-conditioned in fp16), fp32 on the CPU."""
@@ -63,11 +78,12 @@ class LatentInterposer:
 
     @classmethod
     def INPUT_TYPES(cls):
+        codes = _CODES + local_spaces()  # the registry, then spaces of local models trained on new VAEs
         return {
             "required": {
                 "samples": ("LATENT",),
-                "latent_src": (_CODES, {"default": "xl"}),
-                "latent_dst": (_CODES, {"default": "v1"}),
+                "latent_src": (codes, {"default": "xl"}),
+                "latent_dst": (codes, {"default": "v1"}),
             }
         }
 
@@ -78,6 +94,8 @@ class LatentInterposer:
 
     def convert(self, samples: dict, latent_src: str, latent_dst: str):
         latent = samples["samples"]  # (B, C, H, W) or (B, C, T, H, W), raw
+        if latent_src not in _CODES or latent_dst not in _CODES:
+            local_spaces()  # a space defined by its VAE: known from the local model that carries it
         device, dtype = _run_device(latent)
         converted = convert(latent, latent_src, latent_dst, layout="raw", device=device, dtype=dtype,
                             search_dirs=model_dirs())

@@ -21,7 +21,7 @@ import torch
 
 from .model import InterposerModel
 from .spaces import get_space
-from .weights import load_interposer
+from .weights import load_interposer, register_spaces_of
 
 Layout = Literal["raw", "scaled"]
 
@@ -72,6 +72,7 @@ def convert(latents: torch.Tensor, src: str, dst: str, *, layout: Layout = "raw"
     in chunks of `chunk_size` samples (default: bounded by MAX_PIXELS_PER_CHUNK); returns the input's
     dtype and device. Video latents are converted frame by frame. Same space (or aliases): unchanged.
     """
+    register_spaces_of(weights)  # spaces defined by their VAE travel in the export's config.json
     s, d = get_space(src), get_space(dst)
     if layout not in ("raw", "scaled"):
         raise ValueError(f"layout must be 'raw' or 'scaled', got {layout!r}")

@@ -14,6 +14,7 @@ Scaled layout, for per-channel stats:    scaled = (raw - mean[c]) / std[c].
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -53,6 +54,28 @@ class LatentSpace:
     @property
     def names(self) -> tuple[str, ...]:
         return (self.code, *self.aliases)
+
+    def to_dict(self) -> dict:
+        """Everything this entry holds, JSON-ready: what a dataset manifest and an exported model record."""
+        d = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LatentSpace":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known})
+
+    def describe(self) -> str:
+        """One line: what makes two definitions of a space the same or different."""
+        how = (f"scale {self.scale:g}, shift {self.shift:g}" if self.scaling == "factor" else self.scaling)
+        return (f"{self.code}: {self.channels} channels, factor {self.factor}, {self.vae_class} from "
+                f"{self.vae_repo}{':' + self.vae_subfolder if self.vae_subfolder else ''}, {how}"
+                + (", video" if self.video else ""))
+
+    def same_latents(self, other: "LatentSpace") -> bool:
+        """Whether two definitions describe the same latents (names, notes and aliases aside)."""
+        keys = ("channels", "factor", "vae_class", "scaling", "scale", "shift", "mean", "std", "video")
+        return all(getattr(self, k) == getattr(other, k) for k in keys)
 
     def _stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(shift, scale) broadcastable over x's channel axis (dim 1), in x's dtype and device."""
@@ -131,20 +154,53 @@ for _space in SPACES:
         if _name.lower() in _BY_NAME:
             raise ValueError(f"latent space name {_name!r} is used twice in the registry")
         _BY_NAME[_name.lower()] = _space
+_REGISTERED: dict[str, LatentSpace] = {}  # spaces defined at run time: by a VAE, a manifest, an export
 
 
 def space_names() -> str:
     """'v1 (sd1, ...), xl (...), ...' for error messages."""
-    return ", ".join(f"{s.code} ({', '.join(s.aliases)})" if s.aliases else s.code for s in SPACES)
+    return ", ".join(f"{s.code} ({', '.join(s.aliases)})" if s.aliases else s.code
+                     for s in (*SPACES, *_REGISTERED.values()))
+
+
+def all_spaces() -> tuple[LatentSpace, ...]:
+    """The registry's spaces, then those registered in this process."""
+    return (*SPACES, *_REGISTERED.values())
+
+
+def is_builtin(name: str) -> bool:
+    return str(name).strip().lower() in _BY_NAME
+
+
+def register_space(space: LatentSpace | dict) -> LatentSpace:
+    """Make a space defined outside the registry (by its VAE; read from a dataset manifest or an exported
+    model) known to get_space() in this process. Registering the same definition again is a no-op; a name
+    that a registry space or another registered space already uses for other latents is refused with both
+    descriptions. A registry space's own definition is accepted as it is (manifests record every space)."""
+    space = LatentSpace.from_dict(space) if isinstance(space, dict) else space
+    for name in space.names:
+        known = _BY_NAME.get(name.lower()) or _REGISTERED.get(name.lower())
+        if known is not None and not known.same_latents(space):
+            where = "the registry's" if is_builtin(name) else "an already registered"
+            raise ValueError(f"latent space name {name!r} is taken by {where} {known.describe()}; this one is "
+                             f"{space.describe()}: give the new space another name")
+    if is_builtin(space.code):
+        return _BY_NAME[space.code.lower()]
+    for name in space.names:
+        _REGISTERED.setdefault(name.lower(), space)
+    return _REGISTERED[space.code.lower()]
 
 
 def get_space(name: str | LatentSpace) -> LatentSpace:
-    """The registry entry for a code name or alias (case-insensitive); ValueError listing the known ones."""
+    """The registry entry for a code name or alias (case-insensitive), or a space registered in this
+    process; ValueError listing the known ones."""
     if isinstance(name, LatentSpace):
         return name
-    space = _BY_NAME.get(str(name).strip().lower())
+    key = str(name).strip().lower()
+    space = _BY_NAME.get(key) or _REGISTERED.get(key)
     if space is None:
-        raise ValueError(f"unknown latent space {name!r}; known spaces: {space_names()}")
+        raise ValueError(f"unknown latent space {name!r}; known spaces: {space_names()} (a space of your own: "
+                         f"--space {name}=VAE_FOLDER_OR_REPO defines it from its VAE)")
     return space
 
 

@@ -31,6 +31,7 @@ from .spaces import (
     default_args,
     get_space,
     is_released,
+    register_space,
     release_filename,
     released_pairs_text,
 )
@@ -72,7 +73,7 @@ def save_interposer(model: InterposerModel, folder: str | Path, src: str, dst: s
         raise ValueError(f"model maps {model.ch_in} -> {model.ch_out} channels but {s.code} -> {d.code} "
                          f"needs {s.channels} -> {d.channels}")
     config = dict(architecture=ARCHITECTURE, **model.args(), src=s.code, dst=d.code, version=version,
-                  layout="raw", **(extra or {}))
+                  layout="raw", spaces={s.code: s.to_dict(), d.code: d.to_dict()}, **(extra or {}))
     state = _cpu_state(model)
     atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"src": s.code, "dst": d.code}))
     atomic_write(folder / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
@@ -116,10 +117,27 @@ def _check_pair(model: InterposerModel, src: str, dst: str, where: Path) -> None
                          f"but {s.code} -> {d.code} needs {s.channels} -> {d.channels}")
 
 
+def register_spaces_of(weights: str | Path | None) -> list[str]:
+    """Register the latent spaces an exported model's config.json defines (spaces defined by their VAE
+    travel with the models trained on them); returns their codes. Anything else: nothing, no error."""
+    if weights is None:
+        return []
+    path = Path(weights).expanduser()
+    config = (path if path.is_dir() else path.parent) / CONFIG_NAME
+    if not config.is_file() or (path.is_file() and path.name != WEIGHTS_NAME):
+        return []
+    try:
+        spaces = json.loads(config.read_text()).get("spaces") or {}
+    except (json.JSONDecodeError, AttributeError):
+        return []
+    return [register_space(d).code for d in spaces.values()]
+
+
 def _load_folder(folder: Path, src: str | None, dst: str | None) -> InterposerModel:
     cfg_path = folder / CONFIG_NAME
     if not cfg_path.is_file() or not (folder / WEIGHTS_NAME).is_file():
         raise ValueError(f"{folder}: an interposer folder needs {CONFIG_NAME} and {WEIGHTS_NAME}")
+    register_spaces_of(folder)
     try:
         config = json.loads(cfg_path.read_text())
         args = {k: config[k] for k in _ARG_NAMES}
@@ -230,6 +248,7 @@ def load_interposer(src: str, dst: str | None = None, weights: str | Path | None
         else:
             raise FileNotFoundError(f"no interposer folder or Hub repo {src!r}; to name a pair, pass src and dst")
     else:
+        register_spaces_of(weights)  # an export of a space defined by its VAE carries its definition
         get_space(src), get_space(dst)  # unknown names fail here, listing the known ones
         if weights is not None:
             model = load_path(weights, src, dst)

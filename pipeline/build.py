@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 
 from interposer import __version__
-from interposer.spaces import get_space
+from interposer.spaces import get_space, is_builtin
 
 from .encoder import VAESpec, fingerprint, load_vae, parse_space_arg, resolve_source
 from .images import DEFAULT_MAX_PIXELS
@@ -124,8 +124,10 @@ def _specs(space_args: list[str], latent: str, store_std: bool) -> list[VAESpec]
         if code in seen:
             raise ValueError(f"--space {code} is given twice")
         seen.add(code)
-        source, sub = resolve_source(get_space(code), source, sub)
-        specs.append(VAESpec(code, source, sub, "float32", latent, store_std))
+        space = get_space(code)
+        source, sub = resolve_source(space, source, sub)
+        definition = None if is_builtin(code) else space.to_dict()
+        specs.append(VAESpec(code, source, sub, "float32", latent, store_std, definition))
     if not specs:
         raise ValueError("give at least one --space")
     return specs
@@ -155,7 +157,7 @@ def _space_entries(specs: list[VAESpec], tile_size: int) -> dict[str, SpaceEntry
         entries[spec.space] = SpaceEntry(
             vae=spec.source, subfolder=spec.subfolder, vae_class=space.vae_class, dtype=spec.dtype,
             fingerprint=fingerprint(vae), channels=space.channels, factor=space.factor,
-            latent_shape=[space.channels, h, h], latent=spec.latent, store_std=spec.store_std)
+            latent_shape=[space.channels, h, h], latent=spec.latent, store_std=spec.store_std, space=space.to_dict())
         del vae
     return entries
 

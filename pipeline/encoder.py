@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from interposer.spaces import LatentSpace, get_space
+from interposer.spaces import LatentSpace, get_space, is_builtin, register_space
 from interposer.vae import decode_raw, encode_raw, load_vae, vae_class  # noqa: F401  (re-exported)
 
 
@@ -31,20 +31,31 @@ class VAESpec:
     dtype: str  # "float32", "bfloat16", "float16"
     latent: str = "mean"  # "mean" or "sample"
     store_std: bool = False
+    definition: dict | None = None  # LatentSpace.to_dict() of a space defined by its VAE: workers register it
 
 
 def parse_space_arg(arg: str) -> tuple[str, str | None, str | None]:
-    """'xl' / 'xl=REPO' / 'xl=REPO:SUBFOLDER' / 'xl=/local/folder' -> (code, source or None, subfolder)."""
+    """'xl' / 'xl=REPO' / 'xl=REPO:SUBFOLDER' / 'xl=/local/folder' -> (code, source or None, subfolder).
+    A NAME the registry does not know, with a VAE, defines a new space from that VAE (interposer.vae.
+    space_from_vae) and registers it in this process."""
     name, _, vae = arg.partition("=")
-    code = get_space(name).code
     if not vae:
-        return code, None, None
+        return get_space(name).code, None, None
     if Path(vae).expanduser().exists():
-        return code, str(Path(vae).expanduser().resolve()), None
-    repo, _, sub = vae.partition(":")
-    if repo.count("/") != 1 or not all(repo.split("/")):
-        raise ValueError(f"--space {arg}: {vae!r} is neither a local folder nor a Hub repo id (org/name[:subfolder])")
-    return code, repo, sub or None
+        source, sub = str(Path(vae).expanduser().resolve()), None
+    else:
+        repo, _, sub = vae.partition(":")
+        if repo.count("/") != 1 or not all(repo.split("/")):
+            raise ValueError(f"--space {arg}: {vae!r} is neither a local folder nor a Hub repo id "
+                             "(org/name[:subfolder])")
+        source, sub = repo, sub or None
+    if is_builtin(name):
+        return get_space(name).code, source, sub
+    # not in the registry: a space defined by its VAE (if the name is known from a manifest, the definition
+    # must be the same: register_space refuses other latents under a known name, naming both)
+    from interposer.vae import space_from_vae
+
+    return register_space(space_from_vae(name.strip(), source, sub)).code, source, sub
 
 
 def resolve_source(space: LatentSpace, source: str | None, subfolder: str | None) -> tuple[str, str | None]:
@@ -86,6 +97,8 @@ class TileEncoder:
         self.specs = specs
         self.vaes = {}
         for spec in specs:
+            if spec.definition is not None:  # this process (a Ray worker) has not seen the space defined
+                register_space(spec.definition)
             space = get_space(spec.space)
             self.vaes[spec.space] = load_vae(space, spec.source, spec.subfolder, getattr(torch, spec.dtype),
                                              self.device)

@@ -155,6 +155,8 @@ class SpaceEntry:
     store_std: bool = False  # whether latent_std columns are stored
     tiles: int = 0  # tiles with a latent of this space (fewer than the dataset's only if added later and
     #                 its VAE gave NaN/inf on some: join on tile_key)
+    space: dict | None = None  # the full space definition (interposer.spaces.LatentSpace.to_dict()): a space
+    #                            defined by its VAE is known from here to add-space, train and eval
 
 
 @dataclass
@@ -249,7 +251,18 @@ def read_manifest(data: str, flag: str = "--data") -> Manifest:
     files = DatasetFiles(data)
     if not files.exists(MANIFEST):
         raise FileNotFoundError(f"{flag} {data}: no {MANIFEST}; not a dataset (build one with `interposer data build`)")
-    return Manifest.from_json(files.read_bytes(MANIFEST).decode(), f"{data}/{MANIFEST}")
+    manifest = Manifest.from_json(files.read_bytes(MANIFEST).decode(), f"{data}/{MANIFEST}")
+    register_manifest_spaces(manifest)
+    return manifest
+
+
+def register_manifest_spaces(manifest: Manifest) -> None:
+    """Make the spaces a dataset defined by their VAEs known in this process (registry spaces need nothing)."""
+    from interposer.spaces import is_builtin, register_space
+
+    for code, entry in manifest.spaces.items():
+        if entry.space is not None and not is_builtin(code):
+            register_space(entry.space)
 
 
 def shard_summary(metadata: dict[bytes, bytes] | None) -> dict[str, Any]:

@@ -42,9 +42,12 @@ def _add_train(sub) -> None:
 
 
 def _cmd_train(args) -> int:
+    from pipeline.schema import read_manifest
+
     from .config import load_config
     from .driver import RunSpec, train
 
+    read_manifest(args.data)  # first: it makes the dataset's spaces defined by their VAEs known to --src/--dst
     cfg = load_config(args.config, src=args.src, dst=args.dst, steps=args.steps, batch=args.batch, crop=args.crop,
                       workers=args.workers, gpu=args.gpu, checkpoint_every=args.checkpoint_every,
                       eval_every=args.eval_every, max_failures=args.max_failures, seed=args.seed,

@@ -43,6 +43,9 @@ def train_loop_per_worker(config: dict) -> None:
     import torch.distributed as dist
     from ray.train import Checkpoint
 
+    from pipeline.schema import read_manifest
+
+    read_manifest(config["data"])  # registers the dataset's spaces defined by their VAEs, before the config
     cfg = TrainConfig.from_dict(config["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from interposer import InterposerModel, WeightsNotFoundError, load_interposer, save_interposer, save_released
+from interposer.spaces import get_space
 from interposer.weights import find_local, hub_cached
 
 
@@ -29,6 +30,8 @@ def test_our_format_round_trip(tmp_path):
     folder = save_interposer(model, tmp_path / "run", "xl", "sd3", version="v5.0")
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
     config = json.loads((folder / "config.json").read_text())
+    spaces = config.pop("spaces")  # both definitions travel with the model
+    assert spaces == {"xl": get_space("xl").to_dict(), "v3": get_space("v3").to_dict()}
     assert config == dict(architecture="interposer-v4", ch_in=4, ch_out=16, ch_mid=64, blocks=12, scale=1.0,
                           src="xl", dst="v3", version="v5.0", layout="raw")
     loaded = load_interposer(str(folder))
