@@ -149,7 +149,8 @@ def _space_entries(specs: list[VAESpec], tile_size: int) -> dict[str, SpaceEntry
         expected = (space.channels, side // space.factor, side // space.factor)
         if tuple(latent.shape[1:]) != expected:
             raise ValueError(f"--space {spec.space}: the VAE at {spec.source} makes latents of shape "
-                             f"{tuple(latent.shape[1:])} from a {side}px image; {spec.space} needs {expected}")
+                             f"{tuple(latent.shape[1:])} from a {side}px image; {space.describe()} needs "
+                             f"{expected} (to use this VAE, define a new space from it: --space NEWNAME=...)")
         if spec.store_std and std is None:
             raise ValueError(f"--store-std: the {spec.space} VAE ({space.vae_class}) has no latent distribution; "
                              "build without --store-std")
