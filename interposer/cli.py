@@ -56,6 +56,8 @@ def _add_convert(sub) -> None:
     p.add_argument("--layout", choices=("raw", "scaled"), default="raw",
                    help="raw: VAE latents, as ComfyUI .latent files hold (default); scaled: diffusion-pipeline "
                    "model inputs (scale/shift applied)")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="convert latents that hold NaN/inf (refused by default: the output would be NaN too)")
     p.add_argument("--device", default="cpu", help="where to run: cpu, cuda, cuda:1, mps (default: cpu)")
     p.add_argument("--dtype", choices=_DTYPES, default="auto",
                    help="compute precision (default auto: the file's dtype; fp16 on the CPU runs in fp32)")
@@ -77,6 +79,8 @@ def _cmd_convert(args) -> int:
                          f"use one of {', '.join(SUFFIXES)}")
     if not args.output.parent.is_dir():
         raise UsageError(f"{args.output.parent}: output folder does not exist")
+    if args.output.resolve() == args.input.resolve():
+        raise UsageError(f"{args.output}: is the input file; write the result to another path")
     try:
         device = torch.device(args.device)
     except RuntimeError:
@@ -88,7 +92,8 @@ def _cmd_convert(args) -> int:
         raise UsageError(f"{args.input}: latents must be floating point, got {latent.dtype}")
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     start = time.perf_counter()
-    out = convert(latent.to(device), args.src, args.dst, layout=args.layout, dtype=dtype, weights=args.weights)
+    out = convert(latent.to(device), args.src, args.dst, layout=args.layout, dtype=dtype, weights=args.weights,
+                  allow_nonfinite=args.allow_nonfinite)
     seconds = time.perf_counter() - start
     write_latent(args.output, out)
     print(f"{args.src} -> {args.dst} ({args.layout}): {tuple(latent.shape)} -> {tuple(out.shape)} "

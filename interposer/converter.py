@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 
 from .model import InterposerModel
-from .spaces import get_space
+from .spaces import get_space, pair_scale
 from .weights import load_interposer, register_spaces_of
 
 Layout = Literal["raw", "scaled"]
@@ -65,12 +65,15 @@ def _compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
 
 def convert(latents: torch.Tensor, src: str, dst: str, *, layout: Layout = "raw",
             device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-            weights: str | Path | None = None, search_dirs=(), chunk_size: int | None = None) -> torch.Tensor:
+            weights: str | Path | None = None, search_dirs=(), chunk_size: int | None = None,
+            allow_nonfinite: bool = False) -> torch.Tensor:
     """Latents (B, C, H, W) or (B, C, T, H, W) of space `src` -> latents of space `dst`.
 
     Runs on `device` (default: where the latents are) in `dtype` (default: theirs), without autograd,
     in chunks of `chunk_size` samples (default: bounded by MAX_PIXELS_PER_CHUNK); returns the input's
     dtype and device. Video latents are converted frame by frame. Same space (or aliases): unchanged.
+    NaN/inf in the input is refused (one bad value spreads over the network's whole receptive field): pass
+    `allow_nonfinite=True` to convert anyway. Empty batches and latents too small for the pair's resampling are refused.
     """
     register_spaces_of(weights)  # spaces defined by their VAE travel in the export's config.json
     s, d = get_space(src), get_space(dst)
@@ -85,6 +88,18 @@ def convert(latents: torch.Tensor, src: str, dst: str, *, layout: Layout = "raw"
                          f"(shape {tuple(latents.shape)}); check the source space")
     if not latents.is_floating_point():
         raise TypeError(f"latents must be floating point, got {latents.dtype}")
+    if latents.numel() == 0:
+        raise ValueError(f"latents are empty (shape {tuple(latents.shape)}): nothing to convert")
+    if not allow_nonfinite:
+        bad = int((~torch.isfinite(latents)).sum())
+        if bad:
+            raise ValueError(f"latents hold {bad} NaN/inf value(s) of {latents.numel()}: their VAE or sampler "
+                             "went wrong (SDXL's original VAE and Flux's make NaN in fp16); pass "
+                             "allow_nonfinite=True (--allow-nonfinite) to convert them anyway")
+    scale = pair_scale(s, d)
+    if min(latents.shape[-2:]) * scale < 1:
+        raise ValueError(f"latents of {latents.shape[-2]}x{latents.shape[-1]} are too small for {s.code} -> "
+                         f"{d.code} (resampled by {scale:g}): at least {int(1 / scale + 0.999)} pixels a side")
     if s is d:
         return latents
 

@@ -96,8 +96,27 @@ def test_mistakes_exit_2_with_one_line_and_write_nothing(tmp_path, xl_home, caps
     _fails(capsys, base + ["--src", "v1", "--dst", "wan"], r"no released interposer for v1 -> wan")
     _fails(capsys, base + ["--src", "xl"], r"the following arguments are required: --dst")
     _fails(capsys, base + ["--src", "xl", "--dst", "v1", "--weights", str(tmp_path / "w.ckpt")], r"weights not found")
+    # silent harm refused: NaN/inf input, the input as the output (also through ..), a latent too small
+    bad = torch.randn(1, 4, 8, 8)
+    bad[0, 1, 2, 3], bad[0, 0, 0, 0] = float("nan"), float("inf")
+    write_latent(tmp_path / "nan.latent", bad)
+    _fails(capsys, ["convert", str(tmp_path / "nan.latent"), str(out), "--src", "xl", "--dst", "v1"],
+           r"latents hold 2 NaN/inf value\(s\) of 256: .*--allow-nonfinite")
+    before = good.read_bytes()
+    same = tmp_path / "sub" / ".." / "in.latent"
+    (tmp_path / "sub").mkdir()
+    _fails(capsys, ["convert", str(good), str(same), "--src", "xl", "--dst", "v1"], r"is the input file")
+    assert good.read_bytes() == before
+    write_latent(tmp_path / "dot.latent", torch.randn(1, 4, 1, 1))
+    _fails(capsys, ["convert", str(tmp_path / "dot.latent"), str(out), "--src", "ca", "--dst", "xl"],
+           r"latents of 1x1 are too small for ca -> xl \(resampled by 0.5\): at least 2 pixels a side")
+    (tmp_path / "sub").rmdir()
     # nothing written: no output, no leftover temporary file
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.safetensors", "in.latent", "interposer-home"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.safetensors", "dot.latent", "in.latent",
+                                                          "interposer-home", "nan.latent"]
+    assert main(["convert", str(tmp_path / "nan.latent"), str(out), "--src", "xl", "--dst", "v1",
+                 "--allow-nonfinite"]) == 0  # asked for: converted; a bad value spreads over the output
+    assert not torch.isfinite(read_latent(out)).all()
 
 
 def test_list_says_where_weights_are(tmp_path, xl_home, capsys):

@@ -109,3 +109,12 @@ def test_cascade_halves_resolution(home_with):
     home_with("ca-to-xl")
     assert get_space("ca").factor == 4
     assert convert(torch.randn(1, 4, 64, 48), "cascade", "xl").shape == (1, 4, 32, 24)
+
+
+def test_empty_and_nonfinite_batches_are_refused_before_any_weights_load():
+    with pytest.raises(ValueError, match=r"latents are empty \(shape \(0, 4, 8, 8\)\)"):
+        convert(torch.zeros(0, 4, 8, 8), "xl", "v1")
+    x = torch.zeros(2, 4, 8, 8)
+    x[1, 2, 3, 4] = float("-inf")
+    with pytest.raises(ValueError, match=r"latents hold 1 NaN/inf value\(s\) of 512"):
+        convert(x, "xl", "v1")
