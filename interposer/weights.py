@@ -99,6 +99,16 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
 
 
+def _file_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError):
+        return {}
+
+
 def _build(args: dict, state: dict[str, torch.Tensor], where: Path) -> InterposerModel:
     model = InterposerModel(**args)
     try:
@@ -154,10 +164,46 @@ def _load_folder(folder: Path, src: str | None, dst: str | None) -> InterposerMo
     return model
 
 
+def released_args(state: dict[str, torch.Tensor], src: str, dst: str, where: Path) -> dict:
+    """Constructor arguments of a released-layout state dict: width and blocks read from its tensors (city96's
+    v4.0 files are 64 wide with 12 blocks; ours may be other sizes), channels checked against the pair by the
+    strict load, the resampling from the pair's factors."""
+    head, tail = state.get("head.short.weight"), state.get("tail.weight")
+    if head is None or tail is None or head.dim() != 4 or tail.dim() != 4:
+        raise ValueError(f"{where}: not an interposer state dict (no head.short.weight / tail.weight)")
+    blocks = len({k.split(".")[1] for k in state if k.startswith("core.") and ".long." in k})
+    args = default_args(src, dst)
+    return dict(args, ch_mid=int(head.shape[0]), blocks=blocks)
+
+
+def _check_file_name(path: Path, src: str, dst: str) -> None:
+    """A file named like a released one for another pair (xl-to-v1_interposer-*.safetensors given for
+    v1 -> xl) would run the wrong way without a word: refused."""
+    import re
+
+    named = re.match(r"^([a-z0-9]+)-to-([a-z0-9]+)_interposer", path.name.lower())
+    if named is None:
+        return
+    try:
+        a, b = get_space(named.group(1)).code, get_space(named.group(2)).code
+    except ValueError:
+        return  # not a space name we know: the name says nothing
+    if (a, b) != (get_space(src).code, get_space(dst).code):
+        raise ValueError(f"{path}: its name says {a} -> {b}, but {get_space(src).code} -> {get_space(dst).code} "
+                         f"was asked; pass the {get_space(src).code}-to-{get_space(dst).code} file")
+
+
 def _load_file(path: Path, src: str, dst: str, version: str) -> InterposerModel:
-    # A bare released-layout file holds only tensors: its constructor args come from the pair, and the
-    # strict load checks every key and shape against them.
-    model = _build(default_args(src, dst), _read_state(path), path)
+    # A bare released-layout file holds only tensors: channels and resampling come from the pair, width and
+    # blocks from the tensors; the strict load checks every key and shape.
+    _check_file_name(path, src, dst)
+    state = _read_state(path)
+    header = _file_metadata(path)
+    if header.get("src") and header.get("dst") and (header["src"], header["dst"]) != (
+            get_space(src).code, get_space(dst).code):
+        raise ValueError(f"{path}: its header says {header['src']} -> {header['dst']}, not "
+                         f"{get_space(src).code} -> {get_space(dst).code}")
+    model = _build(released_args(state, src, dst, path), state, path)
     _check_pair(model, src, dst, path)
     model.src, model.dst, model.version, model.source = get_space(src).code, get_space(dst).code, version, str(path)
     return model

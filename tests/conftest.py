@@ -12,19 +12,24 @@ import shutil  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from helpers import REFERENCE  # noqa: E402
+from helpers import REFERENCE, V4_LAYOUT, reference_pairs  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def reference() -> Path:
-    if not REFERENCE.is_dir():
-        pytest.fail(f"reference checkpoints missing: {REFERENCE} (shared/ must sit beside the project)")
-    return REFERENCE
+def reference(tmp_path_factory) -> Path:
+    """The reference checkpoints under the released file names ({pair}_interposer-v4.0.safetensors), as a
+    user downloads them, with their {pair}_io.safetensors; a released-layout file's width and blocks are
+    read from its tensors, so these load exactly as city96's 64-wide files do."""
+    folder = tmp_path_factory.mktemp("reference")
+    for pair in reference_pairs():
+        shutil.copy(REFERENCE / f"{pair}_interposer-w16b2.safetensors", folder / f"{pair}_interposer-v4.0.safetensors")
+        shutil.copy(REFERENCE / f"{pair}_io.safetensors", folder / f"{pair}_io.safetensors")
+    return folder
 
 
 @pytest.fixture(scope="session")
-def layout(reference) -> dict:
-    return json.loads((reference / "v4_layout.json").read_text())
+def layout() -> dict:
+    return json.loads(V4_LAYOUT.read_text())
 
 
 @pytest.fixture(autouse=True)

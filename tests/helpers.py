@@ -1,17 +1,28 @@
 """Helpers the tests import (conftest.py is not importable under --import-mode=importlib)."""
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-REFERENCE = ROOT.parent / "shared" / "reference" / "city96-v4"
+# Copied from shared/reference (the suite reads nothing outside the repository): city96's v4.0 network and key
+# layout at width 16 with 2 blocks, with reference outputs; v4_layout.json lists every key and shape of the
+# released 64-wide, 12-block files.
+REFERENCE = ROOT / "tests" / "reference" / "city96-v4-small"
+V4_LAYOUT = ROOT / "tests" / "reference" / "v4_layout.json"
 
 
 def reference_pairs() -> list[str]:
-    """Every 'src-to-dst' with a v4.0-layout checkpoint in shared/reference/city96-v4."""
-    return sorted(p.name.split("_")[0] for p in REFERENCE.glob("*_interposer-v4.0.safetensors"))
+    """Every 'src-to-dst' with a reference checkpoint."""
+    return sorted(json.loads((REFERENCE / "pairs.json").read_text()))
+
+
+def reference_args(pair: str) -> dict:
+    """The reference network's constructor arguments."""
+    args = json.loads((REFERENCE / "pairs.json").read_text())[pair]
+    return {k: args[k] for k in ("ch_in", "ch_out", "ch_mid", "blocks", "scale")}
 
 
 def run(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:

@@ -58,14 +58,15 @@ def test_chunking_gives_the_same_result(home_with, monkeypatch):
     home_with("xl-to-v1")
     x = torch.randn(7, 4, 16, 24)
     full = convert(x, "xl", "v1")
-    assert torch.equal(full, convert(x, "xl", "v1", chunk_size=1))
-    assert torch.equal(full, convert(x, "xl", "v1", chunk_size=3))
+    # the same up to float rounding: oneDNN may pick another convolution kernel for another batch size
+    torch.testing.assert_close(full, convert(x, "xl", "v1", chunk_size=1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(full, convert(x, "xl", "v1", chunk_size=3), atol=1e-5, rtol=1e-5)
     # the default bound on pixels per pass splits a large batch the same way
     monkeypatch.setattr(convert_module, "MAX_PIXELS_PER_CHUNK", 2 * 16 * 24)
     calls = []
     model = convert_module._model("xl", "v1", None, (), torch.device("cpu"), torch.float32)
     handle = model.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
-    assert torch.equal(full, convert(x, "xl", "v1"))
+    torch.testing.assert_close(full, convert(x, "xl", "v1"), atol=1e-5, rtol=1e-5)
     handle.remove()
     assert calls == [2, 2, 2, 1]
 

@@ -2,14 +2,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import reference_pairs
+from helpers import reference_args, reference_pairs
 from interposer.model import InterposerModel
 
 
 @pytest.mark.parametrize("pair", reference_pairs())
-def test_reproduces_reference_outputs(pair, reference, layout, ref_io):
-    args = layout["config"][pair]
-    model = InterposerModel(**args).eval()
+def test_reproduces_reference_outputs(pair, reference, ref_io):
+    model = InterposerModel(**reference_args(pair)).eval()
     state = load_file(str(reference / f"{pair}_interposer-v4.0.safetensors"))
     model.load_state_dict(state, strict=True)
     x, expected = ref_io(pair)

@@ -123,11 +123,18 @@ def test_bad_files_are_refused(tmp_path, reference):
     garbage.write_bytes(b"\x00not a safetensors file")
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         load_interposer("xl", "v1", weights=garbage)
-    # fx -> v1 weights (16 input channels) offered as xl -> v1 (4): the strict load names the mismatch
-    with pytest.raises(ValueError, match=r"weights do not fit the interposer.*head\.short\.weight"):
+    # a released file for another pair: its name says so (v1 -> xl would run xl -> v1 without a word)
+    with pytest.raises(ValueError, match=r"its name says xl -> v1, but v1 -> xl was asked"):
+        load_interposer("v1", "xl", weights=_released(reference))
+    with pytest.raises(ValueError, match=r"its name says fx -> v1, but xl -> v1 was asked"):
         load_interposer("xl", "v1", weights=_released(reference, "fx-to-v1"))
+    # renamed: fx -> v1 weights (16 input channels) offered as xl -> v1 (4): the strict load names the mismatch
+    renamed = tmp_path / "weights.safetensors"
+    shutil.copy(_released(reference, "fx-to-v1"), renamed)
+    with pytest.raises(ValueError, match=r"weights do not fit the interposer.*head\.short\.weight"):
+        load_interposer("xl", "v1", weights=renamed)
     truncated = tmp_path / "truncated.safetensors"
-    truncated.write_bytes(_released(reference).read_bytes()[:100_000])
+    truncated.write_bytes(_released(reference).read_bytes()[:-1000])  # cut short, as a broken download
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         load_interposer("xl", "v1", weights=truncated)
     partial = tmp_path / "partial.safetensors"
