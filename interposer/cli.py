@@ -12,6 +12,7 @@ trainer/ through the `interposer.commands` entry points, so this package never i
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 import time
@@ -177,19 +178,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The distribution's own packages: a ValueError/TypeError raised by a `raise` in them is a deliberate
+# message about the user's input; raised anywhere else (torch, pyarrow, ...) it is a bug and keeps its traceback.
+_OURS = tuple(str(Path(__file__).resolve().parents[1] / p) + os.sep for p in ("interposer", "pipeline", "trainer"))
+
+
+def _raised_by_us(e: BaseException) -> bool:
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_filename.startswith(_OURS)
+
+
 def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
-    """Parse and run; user mistakes are one line on stderr and exit status 2."""
+    """Parse and run. One error taxonomy for every command: a user mistake is one line on stderr and exit
+    status 2; a machine fault (disk, network, memory, a missing package) one line and exit 1; anything
+    else is a bug in our code and shows its traceback."""
     from .weights import WeightsNotFoundError
 
     args = parser.parse_args(argv)  # argparse itself exits 2 with one line on a bad flag
     warnings.formatwarning = lambda message, *_a, **_k: f"{parser.prog}: warning: {message}\n"
+    where = _where(parser, args)
     try:
         return args.func(args)
-    except (UsageError, ValueError, TypeError, FileNotFoundError, PermissionError, WeightsNotFoundError) as e:
-        print(f"{_where(parser, args)}: error: {e}", file=sys.stderr)
+    except (UsageError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
+            WeightsNotFoundError) as e:
+        print(f"{where}: error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:  # the machine, not the user's input: a full disk, a failed write
-        print(f"{_where(parser, args)}: error: {e}", file=sys.stderr)
+    except (ValueError, TypeError) as e:
+        if not _raised_by_us(e):
+            raise  # a bug: its traceback says where
+        print(f"{where}: error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:  # an optional dependency is missing
+        print(f"{where}: error: the package {e.name!r} is not installed: pip install 'latent-interposer[all]'",
+              file=sys.stderr)
+        return 1
+    except MemoryError:
+        print(f"{where}: error: out of memory; use a smaller batch or a machine with more memory", file=sys.stderr)
+        return 1
+    except OSError as e:  # the machine, not the user's input: a full disk, a failed write, the network
+        print(f"{where}: error: {e}", file=sys.stderr)
         return 1
 
 

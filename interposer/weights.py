@@ -289,10 +289,12 @@ def load_interposer(src: str, dst: str | None = None, weights: str | Path | None
         path = Path(src).expanduser()
         if path.exists():
             model = load_path(path)
-        elif src.count("/") == 1 and not src.startswith((".", "/", "~")):
-            model = _load_hub_repo(src, revision)
+        elif src.count("/") == 1 and not src.startswith((".", "/", "~")) and not Path(src.split("/")[0]).is_dir():
+            model = _load_hub_repo(src, revision)  # ORG/NAME, where no local folder ORG exists
         else:
-            raise FileNotFoundError(f"no interposer folder or Hub repo {src!r}; to name a pair, pass src and dst")
+            local = Path(src.split("/")[0]).is_dir()
+            raise FileNotFoundError(f"no interposer folder {src!r}" + ("" if local else " and no such Hub repo name")
+                                    + "; to name a pair, pass src and dst")
     else:
         register_spaces_of(weights)  # an export of a space defined by its VAE carries its definition
         get_space(src), get_space(dst)  # unknown names fail here, listing the known ones

@@ -15,6 +15,7 @@ Ray Data's block reference for it (~1 KB); the running counts. At 10M images and
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 
@@ -231,6 +232,8 @@ def build(cfg: BuildConfig) -> Manifest:
     Everything a user can get wrong (spaces, VAEs, sources, the output folder) is checked before Ray starts
     or anything is written."""
     store = Store(cfg.out)
+    if store.local and Path(store.base).exists() and not Path(store.base).is_dir():
+        raise ValueError(f"--out {cfg.out} is a file; give a folder (new or empty) for the dataset")
     old = None
     if store.exists(MANIFEST):
         old = read_manifest(cfg.out, "--out")

@@ -75,7 +75,7 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
             raise Skip("decompression_bomb", str(e)) from None
         except UnidentifiedImageError as e:
             raise Skip("not_an_image", str(e)) from None
-        except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as e:
+        except (OSError, SyntaxError, ValueError, EOFError) as e:  # not MemoryError: the machine, not the file
             raise Skip("corrupt", str(e)) from None
         try:
             im = ImageOps.exif_transpose(im)

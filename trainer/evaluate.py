@@ -100,10 +100,16 @@ def evaluate(model: str, data: str, split: str = "val", limit: int | None = 64, 
     w, b = fit_linear(fx, fy, scale)
 
     def vae(code):
-        entry = manifest.spaces[code]
+        entry, space = manifest.spaces[code], get_space(code)
         source = (vaes or {}).get(code, entry.vae)
         sub = None if (vaes or {}).get(code) else entry.subfolder
-        return load_vae(get_space(code), source, sub, torch.float32, dev)
+        loaded = load_vae(space, source, sub, torch.float32, dev)
+        side = 8 * space.factor  # a VAE of the wrong shape: one line now, not a convolution error later
+        got = encode_raw(loaded, space, torch.zeros(1, 3, side, side, device=dev))[0].shape[1:]
+        if tuple(got) != (space.channels, 8, 8):
+            raise ValueError(f"--vae {code}={source}: it makes latents of shape {tuple(got)} from a {side}px image; "
+                             f"{space.describe()} needs {(space.channels, 8, 8)}")
+        return loaded
 
     src_vae, dst_vae = vae(src), vae(dst)
     methods = {

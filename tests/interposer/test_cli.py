@@ -140,3 +140,40 @@ def test_console_entry_point_and_help(tmp_path):
                  env={"INTERPOSER_HOME": str(tmp_path)})
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_error_taxonomy_user_machine_bug(tmp_path, monkeypatch, capsys):
+    """User mistakes: one line, exit 2 (above). A machine fault: one line, exit 1. A ValueError that our code
+    did not raise on purpose is a bug: it keeps its traceback."""
+    import interposer.latent_io as latent_io
+
+    good = tmp_path / "in.latent"
+    write_latent(good, torch.randn(1, 4, 8, 8))
+    argv = ["convert", str(good), str(tmp_path / "out.latent"), "--src", "xl", "--dst", "v1"]
+
+    def missing(path):
+        raise ModuleNotFoundError("No module named 'safetensors'", name="safetensors")
+
+    monkeypatch.setattr(latent_io, "read_latent", missing)
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "'safetensors' is not installed" in err, err
+
+    def no_memory(path):
+        raise MemoryError()
+
+    monkeypatch.setattr(latent_io, "read_latent", no_memory)
+    assert main(argv) == 1 and "out of memory" in capsys.readouterr().err
+
+    monkeypatch.setattr(latent_io, "read_latent", lambda path: int("not a number"))  # a bug, not in our package
+    with pytest.raises(ValueError, match="invalid literal"):
+        main(argv)
+
+
+def test_a_local_looking_path_is_never_looked_up_on_the_hub(tmp_path, monkeypatch):
+    from interposer import load_interposer
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"no interposer folder 'runs/typo'"):
+        load_interposer("runs/typo")

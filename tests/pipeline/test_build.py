@@ -4,6 +4,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -193,6 +194,21 @@ def test_cli_mistakes_exit_2_and_write_nothing(argv, message, sources, tmp_path)
     assert result.returncode == 2, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_out_that_is_a_file_is_refused_and_a_build_with_no_tiles_fails(sources, vaes, ray_session, tmp_path):
+    afile = tmp_path / "out.txt"
+    afile.write_text("keep me")
+    result = run("-m", "interposer", "data", "build", "--images", str(sources), "--space", f"v1={vaes['v1']}",
+                 "--out", str(afile), env={"RAY_ADDRESS": ""})
+    assert result.returncode == 2 and "--out " + str(afile) + " is a file; give a folder" in result.stderr
+    assert afile.read_text() == "keep me"
+    result = run("-m", "interposer", "data", "build", "--images", str(sources), "--space", f"v1={vaes['v1']}",
+                 "--out", str(tmp_path / "empty"), "--tile-size", "64", "--min-size", "100000",
+                 "--gpus-per-worker", "0", env={"RAY_ADDRESS": ray_session.get_runtime_context().gcs_address})
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert re.search(r"error: no tiles in .*empty \(\d+ files listed; skipped: .*too_small \d+", last), last
 
 
 def test_a_failed_write_on_a_worker_names_the_file_leaves_nothing_half_written_and_a_rerun_recovers(
