@@ -64,6 +64,12 @@ def test_eval_rows_and_eval_json(reference, dataset, tmp_path):
     assert json.loads(out.read_text())["tiles"] == held_out
 
 
+def test_eval_with_a_vae_of_the_wrong_shape_is_one_line(reference, dataset, vaes):
+    with pytest.raises(ValueError, match=r"--vae v1=.*: it makes latents of shape \(16, 8, 8\) from a 64px image; "
+                                         r"v1: 4 channels.* needs \(4, 8, 8\)"):
+        evaluate(str(reference / "export"), str(dataset), split="all", limit=2, vaes={"v1": str(vaes["fx"])})
+
+
 @pytest.fixture
 def v4_run(tmp_path, dataset):
     """A run folder as `interposer train` leaves it, for the v4 architecture, with an eval.json."""
