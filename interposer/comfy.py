@@ -20,9 +20,11 @@ from pathlib import Path
 import torch
 
 from .converter import convert
-from .spaces import SPACES
+from .spaces import RELEASE_REPO, RELEASE_VERSION, get_space, is_released, release_filename
 
-_CODES = [s.code for s in SPACES]  # every registry space: trained pairs beyond the released ones work too
+# city96's v4 node offered these in both lists: saved workflows name them, so they stay (every released pair
+# is among them). Other spaces (fx2, wan, ...) are offered once a local model for them is found.
+_CODES = ["v1", "xl", "v3", "fx", "ca"]
 
 
 def model_dirs() -> list[Path]:
@@ -45,18 +47,37 @@ def model_dirs() -> list[Path]:
 
 
 def local_spaces() -> list[str]:
-    """Codes of the spaces defined by their VAE that models in $INTERPOSER_HOME and model_dirs() carry,
-    registered in this process (a model folder with a clashing definition is skipped)."""
+    """Codes of the spaces, beyond city96's five, that local models in $INTERPOSER_HOME and model_dirs()
+    convert from or to (spaces defined by their VAE are registered in this process from the model's
+    config.json; a model folder with a clashing definition is skipped)."""
+    import re
+
     from .weights import interposer_home, register_spaces_of
 
     codes = []
     for base in (interposer_home(), *model_dirs()):
-        for folder in sorted(base.iterdir()) if base.is_dir() else []:
+        for entry in sorted(base.iterdir()) if base.is_dir() else []:
             try:
-                codes += [c for c in register_spaces_of(folder) if c not in _CODES and c not in codes]
+                found = register_spaces_of(entry) if entry.is_dir() else []
+                named = re.match(r"^([a-z0-9]+)-to-([a-z0-9]+)", entry.name.lower())
+                if named:
+                    found += [get_space(c).code for c in named.groups()]
             except (ValueError, OSError):
                 continue
+            codes += [c for c in found if c not in _CODES and c not in codes]
     return codes
+
+
+def _no_weights(src: str, dst: str) -> str:
+    """The node's message when a pair has no weights: where a ComfyUI user puts them."""
+    comfy_dir = next((d for d in model_dirs() if d.name == "interposers"), None)
+    where = str(comfy_dir) if comfy_dir else "ComfyUI/models/interposers/"
+    s, d = get_space(src).code, get_space(dst).code
+    if is_released(s, d):
+        return (f"no weights for {s} -> {d} here: download {release_filename(s, d)} from huggingface.co/"
+                f"{RELEASE_REPO} (folder {RELEASE_VERSION}) into {where}")
+    return (f"no interposer for {s} -> {d}: city96 released none for this pair; train one "
+            f"(`interposer train`) and put its export folder into {where} as {s}-to-{d}")
 
 
 def _run_device(latent: torch.Tensor) -> tuple[torch.device, torch.dtype]:
@@ -96,9 +117,14 @@ class LatentInterposer:
         latent = samples["samples"]  # (B, C, H, W) or (B, C, T, H, W), raw
         if latent_src not in _CODES or latent_dst not in _CODES:
             local_spaces()  # a space defined by its VAE: known from the local model that carries it
+        from .weights import WeightsNotFoundError
+
         device, dtype = _run_device(latent)
-        converted = convert(latent, latent_src, latent_dst, layout="raw", device=device, dtype=dtype,
-                            search_dirs=model_dirs())
+        try:
+            converted = convert(latent, latent_src, latent_dst, layout="raw", device=device, dtype=dtype,
+                                search_dirs=model_dirs())
+        except WeightsNotFoundError:
+            raise WeightsNotFoundError(_no_weights(latent_src, latent_dst)) from None
         out = {k: v for k, v in samples.items() if k != "samples"}
         if converted.shape[-2:] != latent.shape[-2:]:
             out.pop("noise_mask", None)  # the mask was drawn at the old resolution (e.g. ca -> xl)

@@ -80,3 +80,27 @@ def test_importing_the_package_stays_light(tmp_path):
     result = run("-c", code, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_choices_and_the_missing_weights_message_speak_comfyui(isolated_home, tmp_path, monkeypatch):
+    import types
+
+    import pytest
+
+    from interposer.weights import WeightsNotFoundError
+
+    models = tmp_path / "ComfyUI" / "models"
+    (models / "interposers").mkdir(parents=True)
+    monkeypatch.setitem(__import__("sys").modules, "folder_paths", types.SimpleNamespace(models_dir=str(models)))
+    inputs = LatentInterposer.INPUT_TYPES()["required"]
+    # city96's choices, so saved workflows keep loading; no pair without weights anywhere is offered beyond them
+    assert inputs["latent_src"][0] == inputs["latent_dst"][0] == ["v1", "xl", "v3", "fx", "ca"]
+    with pytest.raises(WeightsNotFoundError, match=r"^no weights for xl -> v1 here: download "
+                                                   r"xl-to-v1_interposer-v4.0.safetensors .* into .*ComfyUI/models/"
+                                                   r"interposers$"):
+        LatentInterposer().convert({"samples": torch.randn(1, 4, 8, 8)}, "xl", "v1")
+    with pytest.raises(WeightsNotFoundError, match=r"city96 released none for this pair"):
+        LatentInterposer().convert({"samples": torch.randn(1, 4, 8, 8)}, "v1", "ca")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["ComfyUI", "interposer-home", "interposers", "models"]
+    (models / "interposers" / "v1-to-wan").mkdir()  # a local model for another space: then it is offered
+    assert LatentInterposer.INPUT_TYPES()["required"]["latent_dst"][0][-1] == "wan"
