@@ -75,7 +75,7 @@ def save_interposer(model: InterposerModel, folder: str | Path, src: str, dst: s
     config = dict(architecture=ARCHITECTURE, **model.args(), src=s.code, dst=d.code, version=version,
                   layout="raw", spaces={s.code: s.to_dict(), d.code: d.to_dict()}, **(extra or {}))
     state = _cpu_state(model)
-    atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"src": s.code, "dst": d.code}))
+    atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"pair": f"{s.code}->{d.code}"}))
     atomic_write(folder / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
     return folder
 
@@ -198,11 +198,9 @@ def _load_file(path: Path, src: str, dst: str, version: str) -> InterposerModel:
     # blocks from the tensors; the strict load checks every key and shape.
     _check_file_name(path, src, dst)
     state = _read_state(path)
-    header = _file_metadata(path)
-    if header.get("src") and header.get("dst") and (header["src"], header["dst"]) != (
-            get_space(src).code, get_space(dst).code):
-        raise ValueError(f"{path}: its header says {header['src']} -> {header['dst']}, not "
-                         f"{get_space(src).code} -> {get_space(dst).code}")
+    pair = _file_metadata(path).get("pair")  # our model.safetensors files say which pair they convert
+    if pair and pair != f"{get_space(src).code}->{get_space(dst).code}":
+        raise ValueError(f"{path}: its header says {pair}, not {get_space(src).code} -> {get_space(dst).code}")
     model = _build(released_args(state, src, dst, path), state, path)
     _check_pair(model, src, dst, path)
     model.src, model.dst, model.version, model.source = get_space(src).code, get_space(dst).code, version, str(path)

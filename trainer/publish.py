@@ -54,6 +54,29 @@ def _eval_table(evaluation: dict) -> str:
                                f"{evaluation['tile_size']} px, device {evaluation['device']}.")
 
 
+def _is_local(source: str) -> bool:
+    """A VAE source that names a folder on some machine rather than a Hub repo id."""
+    return source.startswith(("/", ".", "~")) or "\\" in source or source.count("/") != 1 or Path(source).exists()
+
+
+def _public_source(source: str, fingerprint: str | None) -> str:
+    return f"a local VAE folder (weights {fingerprint or 'not recorded'})" if _is_local(source) else source
+
+
+def public_config(config: dict, manifest: dict | None) -> dict:
+    """The export's config.json as published: no local paths (the dataset named by its manifest fingerprint,
+    a VAE loaded from a local folder by its weights' fingerprint)."""
+    out = {k: v for k, v in config.items() if k != "data"}
+    if manifest is not None:
+        from pipeline.schema import Manifest
+
+        out["dataset_fingerprint"] = Manifest.from_json(json.dumps(manifest)).fingerprint()
+    prints = {k: v.get("fingerprint") for k, v in (manifest or {}).get("spaces", {}).items()}
+    out["spaces"] = {code: dict(d, vae_repo=_public_source(d["vae_repo"], prints.get(code)))
+                     for code, d in config.get("spaces", {}).items()}
+    return out
+
+
 def model_card(config: dict, repo: str, rev: str, evaluation: dict | None, run_record: dict | None,
                manifest: dict | None) -> str:
     """README.md for the Hub: YAML metadata, what it converts, usage, eval table, training, dataset."""
@@ -67,13 +90,22 @@ def model_card(config: dict, repo: str, rev: str, evaluation: dict | None, run_r
         training = "```json\n" + json.dumps(run_record.get("config", {}), indent=2, sort_keys=True) + "\n```"
     dataset = "_Not recorded._"
     if manifest:
-        spaces = "\n".join(f"- `{k}`: {v['vae_class']} `{v['vae']}`"
+        spaces = "\n".join(f"- `{k}`: {v['vae_class']} `{_public_source(v['vae'], v.get('fingerprint'))}`"
                            + (f" ({v['subfolder']})" if v.get("subfolder") else "")
                            + f", {v['dtype']}, weights `{v['fingerprint']}`" for k, v in manifest["spaces"].items())
         c = manifest.get("counts", {})
         dataset = (f"{c.get('tiles', '?')} tiles of {manifest['tile_size']} px from {c.get('images_ok', '?')} images; "
                    f"spaces:\n{spaces}")
     released = f"{src}-to-{dst}_interposer-{rev}.safetensors"
+    v4 = (config["ch_mid"], config["blocks"]) == (64, 12)  # only then is the released layout staged
+    command = (f"interposer convert in.latent out.latent --src {src} --dst {dst} --weights {rev}/{released}" if v4
+               else f"interposer convert in.latent out.latent --src {src} --dst {dst} --weights THIS_REPO_FOLDER")
+    comfy = (f"ComfyUI: put `{released}` (folder `{rev}/` here) into `ComfyUI/models/interposers/` and use the\n"
+             "**Latent Interposer** node (category `latent`), with the node installed from latent-interposer."
+             if v4 else
+             f"ComfyUI: put this repository's `model.safetensors` and `config.json` into a folder\n"
+             f"`ComfyUI/models/interposers/{src}-to-{dst}/` and use the **Latent Interposer** node\n"
+             "(category `latent`).")
     return f"""{meta}
 
 # {s.family} → {d.family} latent interposer ({src} → {dst})
@@ -86,18 +118,18 @@ Converts **raw** {s.family} VAE latents `(B, {s.channels}, H/{s.factor}, W/{s.fa
 
 ```python
 from interposer import convert, load_interposer
-latents_{dst} = convert(latents_{src}, "{src}", "{dst}", weights=None)   # after: huggingface-cli download {repo}
-model = load_interposer("{repo}")                                       # this repository
+model = load_interposer("{repo}")                                       # this repository's weights
+latents_{dst} = convert(latents_{src}, "{src}", "{dst}", weights=model.source)                   # raw VAE latents
 latents_{dst} = convert(scaled_{src}, "{src}", "{dst}", layout="scaled", weights=model.source)  # pipeline latents
 ```
 
 ```sh
 pip install latent-interposer
-interposer convert in.latent out.latent --src {src} --dst {dst} --weights {released}
+hf download {repo} --local-dir THIS_REPO_FOLDER
+{command}
 ```
 
-ComfyUI: put `{released}` (folder `{rev}/` here) into `ComfyUI/models/interposers/` and use the
-**Latent Interposer** node (category `latent`), with the node installed from latent-interposer.
+{comfy}
 
 ## Evaluation
 
@@ -119,22 +151,24 @@ def stage(model: str | Path, repo: str, rev: str, folder: Path) -> list[Path]:
     config = json.loads((export / "config.json").read_text())
     net = load_interposer(str(export))  # also checks the weights load
     folder.mkdir(parents=True, exist_ok=True)
+    record_file = run / "interposer-run.json" if run else None
+    record = json.loads(record_file.read_text()) if record_file and record_file.is_file() else None
+    manifest = None
+    data = (record or {}).get("data") or config.get("data")
+    if data and Path(data, "manifest.json").is_file():
+        manifest = json.loads(Path(data, "manifest.json").read_text())
     shutil.copy(export / "model.safetensors", folder / "model.safetensors")
-    shutil.copy(export / "config.json", folder / "config.json")
-    if (net.ch_mid, net.blocks) == (64, 12):
+    (folder / "config.json").write_text(json.dumps(public_config(config, manifest), indent=2) + "\n")
+    if (net.ch_mid, net.blocks) == (64, 12):  # city96's v4.0 loaders assume this size: only then this layout
         (folder / rev).mkdir(exist_ok=True)
         save_released(net, folder / rev / f"{config['src']}-to-{config['dst']}_interposer-{rev}.safetensors")
     evaluation = None
     for candidate in (export / EVAL_FILE, run / EVAL_FILE if run else None):
         if candidate is not None and candidate.is_file():
             evaluation = json.loads(candidate.read_text())
-            shutil.copy(candidate, folder / EVAL_FILE)
+            public = {k: v for k, v in evaluation.items() if k not in ("model", "data")}  # local paths
+            (folder / EVAL_FILE).write_text(json.dumps(public, indent=2) + "\n")
             break
-    record = json.loads((run / "interposer-run.json").read_text()) if run else None
-    manifest = None
-    data = (record or {}).get("data") or config.get("data")
-    if data and Path(data, "manifest.json").is_file():
-        manifest = json.loads(Path(data, "manifest.json").read_text())
     (folder / "README.md").write_text(model_card(config, repo, rev, evaluation, record, manifest))
     return sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file())
 

@@ -101,6 +101,36 @@ def test_staging_folder_holds_exactly_what_is_pushed(v4_run, tmp_path):
     assert "| interposer | 0.1000 | 0.2000 | 25.00 | 0.8000 | 30.00 | 0.9000 | 1.50 | 0.50 |" in card
     assert "| linear | 0.2000 |" in card
     assert '"steps": 123' in card and "tiles of 64 px" in card and "sha256:" in card
+    # the usage loads this repository's weights (weights=None would load city96's)
+    assert 'model = load_interposer("me/xl-to-v1")' in card and "weights=None" not in card
+    assert "--weights v5.0/xl-to-v1_interposer-v5.0.safetensors" in card
+    # no local path in anything staged: the dataset by its fingerprint, local VAEs by their weights
+    config = json.loads((folder / "config.json").read_text())
+    assert "data" not in config and config["dataset_fingerprint"].startswith("sha256:")
+    for f in folder.rglob("*"):
+        if f.is_file() and f.suffix in (".md", ".json"):
+            text = f.read_text()
+            assert str(tmp_path.parent) not in text and "/tmp/" not in text, (f.name, text[:500])
+    assert "a local VAE folder (weights sha256:" in card
+
+
+def test_a_model_of_another_width_is_published_without_released_layout_claims(dataset, tmp_path):
+    run_dir = tmp_path / "runs" / "small"
+    save_interposer(InterposerModel(ch_mid=16, blocks=2).eval(), run_dir / "export", "xl", "v1", version="v5.0")
+    files = stage(run_dir, "me/small", "v5.0", tmp_path / "stage")
+    assert [str(f) for f in files] == ["README.md", "config.json", "model.safetensors"]
+    card = (tmp_path / "stage" / "README.md").read_text()
+    assert "v5.0/" not in card and "_interposer-v5.0" not in card and "(16 wide, 2 blocks)" in card
+    assert "ComfyUI/models/interposers/xl-to-v1/" in card
+
+
+def test_identical_exports_are_byte_identical(tmp_path):
+    code = ("import sys, torch; from interposer import InterposerModel, save_interposer; torch.manual_seed(0); "
+            "save_interposer(InterposerModel(ch_mid=8, blocks=1).eval(), sys.argv[1], 'xl', 'v1')")
+    for name in ("a", "b"):  # separate processes: a map written in hash order would differ between them
+        assert run("-c", code, str(tmp_path / name)).returncode == 0
+    for f in ("model.safetensors", "config.json"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
 
 
 def test_publish_one_commit_to_a_loopback_hub_and_load_it_back(v4_run, monkeypatch, capsys, tmp_path):
