@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from pipeline.standins import SD_VAE  # noqa: E402
+from interposer.pipeline.standins import SD_VAE  # noqa: E402
 from common import mean_time, sync  # noqa: E402
 from interposer import InterposerModel, convert, save_released  # noqa: E402
 from interposer.spaces import default_args  # noqa: E402

@@ -29,10 +29,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.standins import SD_VAE  # noqa: E402
-from pipeline.build import BuildConfig, build, start_ray  # noqa: E402
-from pipeline.encoder import TileEncoder, VAESpec  # noqa: E402
-from pipeline.rows import cut_one  # noqa: E402
+from interposer.pipeline.standins import SD_VAE  # noqa: E402
+from interposer.pipeline.build import BuildConfig, build, start_ray  # noqa: E402
+from interposer.pipeline.encoder import TileEncoder, VAESpec  # noqa: E402
+from interposer.pipeline.rows import cut_one  # noqa: E402
 
 
 

@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import timed  # noqa: E402
 from interposer import InterposerModel, convert, save_released  # noqa: E402
 from interposer.spaces import default_args  # noqa: E402
-from pipeline.standins import SD_VAE  # noqa: E402
-from trainer.config import TrainConfig  # noqa: E402
-from trainer.step import build_models, build_optim, train_step  # noqa: E402
+from interposer.pipeline.standins import SD_VAE  # noqa: E402
+from interposer.trainer.config import TrainConfig  # noqa: E402
+from interposer.trainer.step import build_models, build_optim, train_step  # noqa: E402
 
 
 def main() -> None:

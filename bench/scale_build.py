@@ -50,8 +50,8 @@ def make_images(root: Path, count: int, per_folder: int = 1000) -> list[str]:
 
 def one_build(folders: list[str], vae: str, out: str, shard_size: int) -> dict:
     """Runs in the child process: the build, timed by stage; returns figures."""
-    from pipeline import build as build_module
-    from pipeline.build import BuildConfig, build
+    from interposer.pipeline import build as build_module
+    from interposer.pipeline.build import BuildConfig, build
 
     stages = {}
     real_index = build_module.build_index
@@ -89,7 +89,7 @@ def main() -> None:
         print("RESULT " + json.dumps(one_build(spec["folders"], spec["vae"], spec["out"], args.shard_size)))
         return
 
-    from pipeline.standins import make_standin_vae
+    from interposer.pipeline.standins import make_standin_vae
 
     work = Path(tempfile.mkdtemp(prefix="scale-build-"))
     try:

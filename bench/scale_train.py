@@ -34,11 +34,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from interposer.cluster import start_ray  # noqa: E402
-from pipeline.standins import write_synthetic_dataset  # noqa: E402
-from trainer.config import TrainConfig  # noqa: E402
-from trainer.data import CropStream, PairReader, step_seed  # noqa: E402
-from trainer.driver import RunSpec, train  # noqa: E402
-from trainer.step import build_models, build_optim, train_step  # noqa: E402
+from interposer.pipeline.standins import write_synthetic_dataset  # noqa: E402
+from interposer.trainer.config import TrainConfig  # noqa: E402
+from interposer.trainer.data import CropStream, PairReader, step_seed  # noqa: E402
+from interposer.trainer.driver import RunSpec, train  # noqa: E402
+from interposer.trainer.step import build_models, build_optim, train_step  # noqa: E402
 
 TILES_PER_IMAGE, SHARD_IMAGES = 6, 64
 

@@ -180,14 +180,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 # The distribution's own packages: a ValueError/TypeError raised by a `raise` in them is a deliberate
 # message about the user's input; raised anywhere else (torch, pyarrow, ...) it is a bug and keeps its traceback.
-_OURS = tuple(str(Path(__file__).resolve().parents[1] / p) + os.sep for p in ("interposer", "pipeline", "trainer"))
+def _our_folders() -> tuple[str, ...]:
+    """Where this distribution's modules live: interposer/, and pipeline/ and trainer/ wherever they are
+    installed (inside interposer/ from a wheel, beside it in an editable checkout); nothing is imported."""
+    import importlib.util
+
+    folders = [Path(__file__).resolve().parent]
+    for name in ("interposer.pipeline", "interposer.trainer"):
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            spec = None
+        folders += [Path(p).resolve() for p in (spec.submodule_search_locations or [])] if spec else []
+    return tuple(f"{f}{os.sep}" for f in folders)
 
 
 def _raised_by_us(e: BaseException) -> bool:
     tb = e.__traceback__
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
-    return tb is not None and tb.tb_frame.f_code.co_filename.startswith(_OURS)
+    return tb is not None and tb.tb_frame.f_code.co_filename.startswith(_our_folders())
 
 
 def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
@@ -228,7 +240,7 @@ def _where(parser: argparse.ArgumentParser, args) -> str:
 
 
 def run_parser(prog: str, description: str, adders, argv: list[str] | None = None) -> int:
-    """A stand-alone command (e.g. `python -m pipeline`) made of the given subcommand adders."""
+    """A stand-alone command (e.g. `python -m interposer.pipeline`) made of the given subcommand adders."""
     parser = _Parser(prog=prog, description=description)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in adders:

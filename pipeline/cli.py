@@ -1,4 +1,4 @@
-"""`interposer data ...` (and `python -m pipeline ...`): build, grow and inspect latent datasets.
+"""`interposer data ...` (and `python -m interposer.pipeline ...`): build, grow and inspect latent datasets.
 
     interposer data build --images photos/ more.txt s3://bucket/imgs/ --space v1 --space xl --out data/v1-xl
     interposer data build --images photos/ --space v1=cache/my-vae --space xl=madebyollin/sdxl-vae-fp16-fix \\
@@ -147,8 +147,8 @@ def register(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m pipeline build|add-space|inspect ...`"""
+    """`python -m interposer.pipeline build|add-space|inspect ...`"""
     from interposer.cli import run_parser
 
-    return run_parser("python -m pipeline", "Build, grow and inspect paired latent datasets.",
+    return run_parser("python -m interposer.pipeline", "Build, grow and inspect paired latent datasets.",
                       [_add_build, _add_add_space, _add_inspect], argv)

@@ -90,7 +90,7 @@ def photos(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def vaes(tmp_path_factory) -> dict[str, Path]:
     """Stand-in VAEs (real diffusers classes, tiny widths), saved to folders like a downloaded VAE."""
-    from pipeline.standins import make_standin_vae
+    from interposer.pipeline.standins import make_standin_vae
 
     root = tmp_path_factory.mktemp("vaes")
     return {code: make_standin_vae(code, root / code, seed=i) for i, code in

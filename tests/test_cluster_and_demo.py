@@ -5,7 +5,7 @@ import json
 
 import yaml
 
-from helpers import ROOT
+from helpers import ROOT, run
 
 
 def test_cluster_yaml_is_valid_and_fits_what_the_commands_ask_for():
@@ -22,9 +22,9 @@ def test_cluster_yaml_is_valid_and_fits_what_the_commands_ask_for():
     assert config["docker"]["image"].startswith(f"rayproject/ray:{ray.__version__}-")  # same Ray as installed
     assert "ray[data]>=2.50,<3" in (ROOT / "pyproject.toml").read_text()
 
-    from pipeline.build import default_requests
-    from trainer.config import TrainConfig
-    from trainer.driver import worker_request
+    from interposer.pipeline.build import default_requests
+    from interposer.trainer.config import TrainConfig
+    from interposer.trainer.driver import worker_request
 
     def fits(request: dict, n: int = 1) -> list[str]:
         return [k for k, v in workers.items() if all(v["resources"].get(r, 0) >= n * q for r, q in request.items())]
@@ -52,3 +52,20 @@ def test_quick_demo_runs_the_whole_chain(tmp_path, ray_session):
     rows = {r["method"]: r for r in json.loads((out / "runs/xl-v1/export/eval.json").read_text())["rows"]}
     assert rows["interposer"]["latent_l1"] < rows["linear"]["latent_l1"]  # it learned more than an affine map
     assert "would push to your-name/xl-to-v1-interposer" in result.stdout
+
+
+def test_one_import_root(tmp_path):
+    """The wheel installs `interposer` only: pipeline/ and trainer/ are interposer.pipeline and
+    interposer.trainer (no top-level `pipeline` or `trainer` to overwrite other distributions'), and no
+    source file imports them by their folder names (which work only beside the repository)."""
+    import re
+
+    code = ("import importlib.util as u, interposer.pipeline.schema, interposer.trainer.data; "
+            "print(u.find_spec('pipeline'), u.find_spec('trainer'))")
+    result = run("-c", code, cwd=tmp_path)  # away from the repository root
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "None None"
+    old = re.compile(r"^\s*(from|import) (pipeline|trainer)\b|\"-m\", \"(pipeline|trainer)\"", re.M)
+    offenders = [str(p.relative_to(ROOT)) for folder in ("interposer", "pipeline", "trainer", "tests", "bench")
+                 for p in (ROOT / folder).rglob("*.py") if old.search(p.read_text())]
+    assert offenders == []

@@ -104,8 +104,8 @@ def new_dataset(ray_session, photos, vaes, new_vaes, tmp_path_factory) -> Path:
 
 
 def test_build_add_space_train_and_convert_with_no_registry_entry(new_dataset, new_vaes, ray_session, tmp_path):
-    from pipeline.build import AddSpaceConfig, add_space
-    from pipeline.schema import read_manifest
+    from interposer.pipeline.build import AddSpaceConfig, add_space
+    from interposer.pipeline.schema import read_manifest
 
     address = {"RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     manifest = json.loads((new_dataset / "manifest.json").read_text())

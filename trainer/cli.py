@@ -1,4 +1,4 @@
-"""`interposer train|eval|publish` (and `python -m trainer ...`): train, evaluate and publish interposers.
+"""`interposer train|eval|publish` (and `python -m interposer.trainer ...`): train, evaluate and publish interposers.
 
     interposer train --data data/xl-v1 --src xl --dst v1 --out runs --name xl-v1 --steps 2000 --batch 32
     interposer train --data data/v1-xl --src v1 --dst xl --config v1-to-xl.yaml --out runs --name v1-xl
@@ -42,7 +42,7 @@ def _add_train(sub) -> None:
 
 
 def _cmd_train(args) -> int:
-    from pipeline.schema import read_manifest
+    from interposer.pipeline.schema import read_manifest
 
     from .config import load_config
     from .driver import RunSpec, train
@@ -160,7 +160,7 @@ def register(sub) -> None:
 def main(argv: list[str] | None = None) -> int:
     from interposer.cli import run_parser
 
-    return run_parser("python -m trainer", "Train, evaluate and publish interposers.",
+    return run_parser("python -m interposer.trainer", "Train, evaluate and publish interposers.",
                       [_add_train, _add_eval, _add_publish], argv)
 
 

@@ -30,7 +30,7 @@ import pyarrow as pa
 import torch
 
 from interposer.spaces import get_space
-from pipeline.schema import DatasetFiles, Manifest, latents_path, read_latents, read_manifest, tiles_path
+from interposer.pipeline.schema import DatasetFiles, Manifest, latents_path, read_latents, read_manifest, tiles_path
 
 
 def check_pair(manifest: Manifest, data: str, src: str, dst: str) -> None:

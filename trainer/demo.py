@@ -48,8 +48,8 @@ def run_demo(out: str | Path, quick: bool = False) -> dict[str, Path]:
     import skimage
     import torch
 
-    from pipeline.build import BuildConfig, build, start_ray
-    from pipeline.standins import make_standin_vae
+    from interposer.pipeline.build import BuildConfig, build, start_ray
+    from interposer.pipeline.standins import make_standin_vae
 
     from .config import TrainConfig
     from .driver import RunSpec, train
@@ -92,8 +92,8 @@ def run_demo(out: str | Path, quick: bool = False) -> dict[str, Path]:
         runs = out / "runs"
         runs.mkdir(exist_ok=True)
         (runs / "demo.yaml").write_text("\n".join(f"{k}: {v}" for k, v in recipe.items() if k not in ("src", "dst")))
-        cmd = [sys.executable, "-m", "trainer", "train", "--data", str(art["dataset"]), "--src", "xl", "--dst", "v1",
-               "--out", str(runs), "--name", "xl-v1", "--config", str(runs / "demo.yaml")]
+        cmd = [sys.executable, "-m", "interposer.trainer", "train", "--data", str(art["dataset"]), "--src", "xl",
+               "--dst", "v1", "--out", str(runs), "--name", "xl-v1", "--config", str(runs / "demo.yaml")]
         run_dir = runs / "xl-v1"
         env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
         with open(runs / "first-attempt.log", "w") as log:
@@ -130,8 +130,8 @@ def run_demo(out: str | Path, quick: bool = False) -> dict[str, Path]:
 
     from interposer import convert
     from interposer.latent_io import write_latent
-    from pipeline.encoder import TileEncoder, VAESpec
-    from pipeline.images import image_tiles
+    from interposer.pipeline.encoder import TileEncoder, VAESpec
+    from interposer.pipeline.images import image_tiles
 
     _, tiles = image_tiles((art["images"] / "astronaut.png").read_bytes(), 128, 1, 64)
     enc = TileEncoder([VAESpec("xl", str(vaes["xl"]), None, "float32")], device="cpu")

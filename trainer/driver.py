@@ -25,7 +25,7 @@ import torch
 from interposer import save_interposer, save_released
 from interposer.files import write_bytes_durably
 from interposer.model import InterposerModel
-from pipeline.schema import DatasetFiles, images_path, read_manifest
+from interposer.pipeline.schema import DatasetFiles, images_path, read_manifest
 
 from .config import TrainConfig
 from .data import check_pair

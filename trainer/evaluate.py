@@ -82,7 +82,7 @@ def evaluate(model: str, data: str, split: str = "val", limit: int | None = 64, 
     from tqdm import tqdm
 
     from interposer.vae import decode_raw, encode_raw
-    from pipeline.rows import cut_one  # re-derives the original tile from its source image, as the build cut it
+    from interposer.pipeline.rows import cut_one  # re-derives the original tile from its source image
 
     from .data import PairReader
 

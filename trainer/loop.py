@@ -24,7 +24,7 @@ def _decoder(cfg: TrainConfig, data: str, device):
     from interposer.spaces import get_space
     from interposer.vae import load_vae
 
-    from pipeline.schema import read_manifest
+    from interposer.pipeline.schema import read_manifest
 
     entry = read_manifest(data).spaces[cfg.dst]
     vae = load_vae(get_space(cfg.dst), entry.vae, entry.subfolder, torch.float32, device)
@@ -43,7 +43,7 @@ def train_loop_per_worker(config: dict) -> None:
     import torch.distributed as dist
     from ray.train import Checkpoint
 
-    from pipeline.schema import read_manifest
+    from interposer.pipeline.schema import read_manifest
 
     read_manifest(config["data"])  # registers the dataset's spaces defined by their VAEs, before the config
     cfg = TrainConfig.from_dict(config["cfg"])

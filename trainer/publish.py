@@ -68,7 +68,7 @@ def public_config(config: dict, manifest: dict | None) -> dict:
     a VAE loaded from a local folder by its weights' fingerprint)."""
     out = {k: v for k, v in config.items() if k != "data"}
     if manifest is not None:
-        from pipeline.schema import Manifest
+        from interposer.pipeline.schema import Manifest
 
         out["dataset_fingerprint"] = Manifest.from_json(json.dumps(manifest)).fingerprint()
     prints = {k: v.get("fingerprint") for k, v in (manifest or {}).get("spaces", {}).items()}

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageCms
 
-from pipeline.build import BuildConfig, build
+from interposer.pipeline.build import BuildConfig, build
 
 
 def _photo(w: int, h: int, seed: int = 0) -> Image.Image:

@@ -18,10 +18,10 @@ import pytest
 from PIL import Image
 
 from helpers import run
-from pipeline.build import AddSpaceConfig, BuildConfig, add_space, build, inspect_dataset
-from pipeline.encoder import TileEncoder, VAESpec
-from pipeline.rows import cut_one
-from pipeline.schema import Manifest, read_latents
+from interposer.pipeline.build import AddSpaceConfig, BuildConfig, add_space, build, inspect_dataset
+from interposer.pipeline.encoder import TileEncoder, VAESpec
+from interposer.pipeline.rows import cut_one
+from interposer.pipeline.schema import Manifest, read_latents
 
 TILE = 64
 
@@ -146,7 +146,7 @@ def test_sigkill_at_five_random_moments_then_rerun_equals_a_clean_build(ray_sess
     cfg = _cfg(sources, vaes, tmp_path / "killed", shard_size=1, gpus_per_worker=0)
     reference = tmp_path / "reference"
     build(_cfg(sources, vaes, reference, shard_size=1, gpus_per_worker=0))
-    cmd = [sys.executable, "-m", "pipeline", "build", "--images", str(sources), "--out", cfg.out,
+    cmd = [sys.executable, "-m", "interposer.pipeline", "build", "--images", str(sources), "--out", cfg.out,
            "--space", f"v1={vaes['v1']}", "--space", f"xl={vaes['xl']}", "--tile-size", str(TILE),
            "--max-tiles", "3", "--min-size", "100", "--shard-size", "1", "--gpus-per-worker", "0"]
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
@@ -213,7 +213,7 @@ def test_out_that_is_a_file_is_refused_and_a_build_with_no_tiles_fails(sources, 
 
 def test_a_failed_write_on_a_worker_names_the_file_leaves_nothing_half_written_and_a_rerun_recovers(
         clean, sources, vaes, tmp_path):
-    from pipeline.store import StoreWriteError
+    from interposer.pipeline.store import StoreWriteError
 
     # A finished dataset with shard 3's xl latents and images file gone, and a folder where the xl file must
     # go: the worker that rewrites shard 3 fails mid-shard (after its v1 latents) as on a full disk.
@@ -241,7 +241,7 @@ def test_local_ray_runs_workers_at_the_commands_priority(tmp_path):
     # user sets RAY_worker_niceness. Run under `nice -n 2` so "inherited" and "reniced" differ from 0.
     script = (
         "import os, ray\n"
-        "from pipeline.build import start_ray\n"
+        "from interposer.pipeline.build import start_ray\n"
         "nice = ray.remote(lambda: os.nice(0))\n"
         "assert start_ray() and not start_ray()\n"  # the second call finds Ray running
         "print('default', os.nice(0), ray.get(nice.remote()))\n"
@@ -273,7 +273,7 @@ def _synthetic_images(folder: Path, n: int, side: int) -> Path:
 
 
 def test_sigkill_after_half_the_shards_keeps_them_on_disk_and_the_rerun_is_identical(ray_session, tmp_path):
-    from pipeline.standins import make_standin_vae
+    from interposer.pipeline.standins import make_standin_vae
 
     # wider stand-ins and 128 px tiles: a shard takes a visible fraction of a second, so the kill lands mid-build
     wide = {c: make_standin_vae(c, tmp_path / f"vae-{c}", seed=i, width=32) for i, c in enumerate(("v1", "xl"))}
@@ -285,8 +285,8 @@ def test_sigkill_after_half_the_shards_keeps_them_on_disk_and_the_rerun_is_ident
     assert shards == 12
 
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "pipeline", "build", "--images", str(images), "--out", str(out), "--tile-size", "128",
-           "--max-tiles", "4", "--min-size", "64", "--shard-size", "2", "--gpus-per-worker", "0"]
+    cmd = [sys.executable, "-m", "interposer.pipeline", "build", "--images", str(images), "--out", str(out),
+           "--tile-size", "128", "--max-tiles", "4", "--min-size", "64", "--shard-size", "2", "--gpus-per-worker", "0"]
     cmd += [a for c, p in wide.items() for a in ("--space", f"{c}={p}")]
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from interposer.spaces import SPACES, get_space
-from pipeline.encoder import TileEncoder, VAESpec, encode_raw, fingerprint, load_vae, parse_space_arg
+from interposer.pipeline.encoder import TileEncoder, VAESpec, encode_raw, fingerprint, load_vae, parse_space_arg
 
 
 def _tiles(n: int, side: int = 64, seed: int = 0) -> np.ndarray:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.images import Skip, decode, image_tiles, place_tiles
+from interposer.pipeline.images import Skip, decode, image_tiles, place_tiles
 
 
 def _png(im: Image.Image, **kw) -> bytes:

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from helpers import run
-from pipeline.progress import Progress
-from pipeline.run import ClusterUnavailable, EncoderPlan, plan_encoders, unwrap, wait_for_gpus
+from interposer.pipeline.progress import Progress
+from interposer.pipeline.run import ClusterUnavailable, EncoderPlan, plan_encoders, unwrap, wait_for_gpus
 
 
 def test_local_ray_without_a_gpu_encodes_on_cpu_with_every_core():

@@ -4,7 +4,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.sources import list_sources
+from interposer.pipeline.sources import list_sources
 
 
 def _touch(path):

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.build import BuildConfig, build
-from trainer.config import TrainConfig
-from trainer.driver import RunSpec, train
+from interposer.pipeline.build import BuildConfig, build
+from interposer.trainer.config import TrainConfig
+from interposer.trainer.driver import RunSpec, train
 
 from helpers import TINY_TRAIN as TINY
 

@@ -1,6 +1,6 @@
 import pytest
 
-from trainer.config import TrainConfig, config_from_dict, load_config
+from interposer.trainer.config import TrainConfig, config_from_dict, load_config
 
 
 def test_defaults_are_the_v4_xl_to_v1_recipe():
@@ -62,7 +62,7 @@ def test_city96_yaml_is_used_as_it_is_naming_what_does_not_apply(tmp_path):
     assert (cfg.schedule.steps, cfg.data.batch, cfg.schedule.fconst, cfg.schedule.cosine) == (50000, 128, 30000, False)
     assert (cfg.model.ch_mid, cfg.model.blocks, cfg.optim.beta1, cfg.optim.beta2) == (64, 12, 0.5, 0.95)
     assert cfg.uses_secondary
-    from trainer.step import lr_factor
+    from interposer.trainer.step import lr_factor
 
     assert lr_factor(49_999, cfg) == 1.0  # cosine: false is a constant LR
     assert lr_factor(49_999, TrainConfig.of(steps=50_000, fconst=30_000)) < 1e-3

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from trainer.config import TrainConfig
-from pipeline.standins import write_synthetic_dataset
-from trainer.data import CropStream, PairReader, is_validation
-from trainer.step import build_models, build_optim, train_step
+from interposer.trainer.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from interposer.trainer.config import TrainConfig
+from interposer.pipeline.standins import write_synthetic_dataset
+from interposer.trainer.data import CropStream, PairReader, is_validation
+from interposer.trainer.step import build_models, build_optim, train_step
 
 
 def test_validation_split_is_by_image():
@@ -165,7 +165,7 @@ def test_corrupt_checkpoint_names_the_folder(tmp_path):
 
 
 def test_truncated_latest_checkpoint_falls_back_only_when_asked(tmp_path):
-    from trainer.checkpoint import load_with_fallback
+    from interposer.trainer.checkpoint import load_with_fallback
 
     cfg = TrainConfig.of(ch_mid=8, blocks=1, batch=4, crop=8, steps=10)
     primary, secondary = build_models(cfg)

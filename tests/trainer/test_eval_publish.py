@@ -8,8 +8,8 @@ from safetensors.torch import load_file
 from fakehub import FakeHub
 from helpers import run
 from interposer import InterposerModel, save_interposer
-from trainer.evaluate import apply_linear, evaluate, fit_linear, image_metrics, mean_delta_e
-from trainer.publish import publish, stage
+from interposer.trainer.evaluate import apply_linear, evaluate, fit_linear, image_metrics, mean_delta_e
+from interposer.trainer.publish import publish, stage
 
 
 @pytest.mark.parametrize("scale", [1.0, 0.5])
@@ -53,7 +53,7 @@ def test_eval_rows_and_eval_json(reference, dataset, tmp_path):
     assert "round trip" in cli.stdout and "linear" in cli.stdout
     assert json.loads(out.read_text())["tiles"] == 4
     # --split val without --val-fraction: the run's own share (0.2 in TINY), recorded in its export
-    from trainer.data import PairReader
+    from interposer.trainer.data import PairReader
 
     held_out = len(PairReader(str(dataset), "xl", "v1", 0.2).take("val"))
     assert held_out != len(PairReader(str(dataset), "xl", "v1", 0.02).take("all"))

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.config import TrainConfig
-from trainer.step import build_models, build_optim, compute_losses, lr_factor, train_step
+from interposer.trainer.config import TrainConfig
+from interposer.trainer.step import build_models, build_optim, compute_losses, lr_factor, train_step
 
 
 def _cfg(**kw) -> TrainConfig:

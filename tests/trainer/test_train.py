@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 from interposer import convert, load_interposer
-from pipeline.build import BuildConfig, build
-from trainer.config import TrainConfig
-from trainer.driver import RunSpec, train
+from interposer.pipeline.build import BuildConfig, build
+from interposer.trainer.config import TrainConfig
+from interposer.trainer.driver import RunSpec, train
 
 from helpers import TINY_TRAIN as TINY
 
@@ -109,7 +109,7 @@ def _registered_steps(run: Path) -> list[int]:
 
 
 def _start_driver(dataset: Path, runs: Path, name: str, ray_session, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "trainer", "train", "--data", str(dataset), "--src", "xl", "--dst", "v1",
+    cmd = [sys.executable, "-m", "interposer.trainer", "train", "--data", str(dataset), "--src", "xl", "--dst", "v1",
            "--out", str(runs), "--name", name, "--config", str(runs / "tiny.yaml"), *extra]
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     log = open(runs / f"{name}.log", "w")  # noqa: SIM115  (closed with the process)
@@ -200,8 +200,8 @@ def test_cli_mistakes_exit_2_and_write_nothing(argv, message, dataset, tmp_path)
 
 
 def test_a_validation_share_with_no_image_trains_without_validation_in_one_warning(dataset):
-    from pipeline.schema import read_manifest
-    from trainer.driver import _check_data
+    from interposer.pipeline.schema import read_manifest
+    from interposer.trainer.driver import _check_data
 
     manifest = read_manifest(str(dataset))
     with pytest.warns(UserWarning, match=r"^--val-fraction 1e-09: no image of .* \(5 images\) falls in the validation "
