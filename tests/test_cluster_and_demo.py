@@ -69,3 +69,44 @@ def test_one_import_root(tmp_path):
     offenders = [str(p.relative_to(ROOT)) for folder in ("interposer", "pipeline", "trainer", "tests", "bench")
                  for p in (ROOT / folder).rglob("*.py") if old.search(p.read_text())]
     assert offenders == []
+
+
+def test_a_killed_command_leaves_no_local_ray_process_behind(tmp_path):
+    """SIGKILL of a command that started local Ray: its watchdog ends what Ray leaves (the raylet's
+    DashboardAgent and RuntimeEnvAgent were left running, one ignoring SIGTERM). Only the processes below
+    the command this test started are looked at, by pid and start time."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from interposer.cluster import _descendants, _start_time
+
+    code = ("from interposer.cluster import start_ray; start_ray(); print('up', flush=True); "
+            "import time; time.sleep(600)")
+    env = {**os.environ, "RAY_ADDRESS": "", "HF_HUB_OFFLINE": "1",
+           "INTERPOSER_WATCHDOG_LOG": str(tmp_path / "watchdog.log")}
+    driver = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                              env=env, cwd=tmp_path, text=True)
+    try:
+        assert driver.stdout.readline().strip() == "up"
+        deadline = time.time() + 60
+        while time.time() < deadline:  # the raylet starts its agents a moment after ray.init returns
+            below = _descendants(driver.pid)
+            titles = [open(f"/proc/{p}/cmdline", "rb").read() for p in below if _start_time(p) == below[p]]
+            if sum(b"Agent" in t for t in titles) >= 2:
+                break
+            time.sleep(0.5)
+        assert len(below) >= 4, below  # gcs, raylet, the agents, ...
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait()
+        deadline = time.time() + 60
+        while time.time() < deadline and any(_start_time(p) == s for p, s in below.items()):
+            time.sleep(0.5)
+        left = [p for p, s in below.items() if _start_time(p) == s]
+        assert left == [], [open(f"/proc/{p}/cmdline", "rb").read()[:80] for p in left]
+        assert "SIGTERM to [" in (tmp_path / "watchdog.log").read_text()  # it was the watchdog that ended them
+    finally:
+        if driver.poll() is None:
+            driver.kill()
