@@ -8,6 +8,20 @@ import os
 from ._watchdog import descendants as _descendants, start_time as _start_time  # noqa: F401  (tests use them)
 
 
+def _quiet_auth_notice() -> None:
+    """Ray announces on every local start that token authentication is on (its safe default): noise in a
+    command's output. Only that notice is dropped; the warning that authentication is *off* still shows."""
+    import logging
+
+    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(getattr(f, "interposer", False) for f in logger.filters):
+        def drop(record: logging.LogRecord) -> bool:
+            return not str(record.msg).startswith("Token authentication is enabled")
+
+        drop.interposer = True
+        logger.addFilter(drop)
+
+
 def start_ray(log_to_driver: bool = False) -> bool:
     """Connect to the cluster RAY_ADDRESS names, or start Ray on this machine; True if this call started it.
 
@@ -22,6 +36,7 @@ def start_ray(log_to_driver: bool = False) -> bool:
         ray.init(logging_level="warning", log_to_driver=log_to_driver)
     else:
         os.environ.setdefault("RAY_worker_niceness", "0")
+        _quiet_auth_notice()
         ray.init(logging_level="warning", log_to_driver=log_to_driver, include_dashboard=False)
         start_watchdog()  # a SIGKILLed command leaves no Ray process behind
     return True
