@@ -115,7 +115,9 @@ class LatentInterposer:
 
     def convert(self, samples: dict, latent_src: str, latent_dst: str):
         latent = samples["samples"]  # (B, C, H, W) or (B, C, T, H, W), raw
-        if latent_src not in _CODES or latent_dst not in _CODES:
+        try:
+            get_space(latent_src), get_space(latent_dst)
+        except ValueError:
             local_spaces()  # a space defined by its VAE: known from the local model that carries it
         from .weights import WeightsNotFoundError
 

@@ -75,8 +75,12 @@ def convert(latents: torch.Tensor, src: str, dst: str, *, layout: Layout = "raw"
     NaN/inf in the input is refused (one bad value spreads over the network's whole receptive field): pass
     `allow_nonfinite=True` to convert anyway. Empty batches and latents too small for the pair's resampling are refused.
     """
-    register_spaces_of(weights)  # spaces defined by their VAE travel in the export's config.json
-    s, d = get_space(src), get_space(dst)
+    try:
+        s, d = get_space(src), get_space(dst)
+    except ValueError:  # a space defined by its VAE: its definition travels in the export's config.json
+        if not register_spaces_of(weights):
+            raise
+        s, d = get_space(src), get_space(dst)
     if layout not in ("raw", "scaled"):
         raise ValueError(f"layout must be 'raw' or 'scaled', got {layout!r}")
     if not isinstance(latents, torch.Tensor):

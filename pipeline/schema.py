@@ -207,8 +207,9 @@ class Manifest:
 
 
 class DatasetFiles:
-    """Read access to a dataset's files, local or through a pyarrow filesystem URI (s3://, gs://). Readers
-    (the trainer, evaluation) need only this; pipeline.store.Store adds the atomic writes."""
+    """A folder of files, local or through a pyarrow filesystem URI (s3://, gs://): what dataset readers
+    (the trainer, evaluation) need, and whole-file writes (a training run's own folder). pipeline.store.Store
+    adds what building a dataset needs."""
 
     def __init__(self, root: str | Path):
         root = str(root)
@@ -239,6 +240,19 @@ class DatasetFiles:
         """A Parquet file's footer (row count, key-value metadata) without reading its data."""
         with self.fs.open_input_file(self.path(rel)) as f:
             return pq.read_metadata(f)
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write a whole file: atomically and fsynced locally; object stores show an object only once its
+        upload completes. Either way a reader never sees half a file."""
+        from interposer.files import write_bytes_durably
+
+        target = self.path(rel)
+        self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+        if self.local:
+            write_bytes_durably(target, data)
+        else:
+            with self.fs.open_output_stream(target) as f:
+                f.write(data)
 
     def list(self, rel: str) -> list[str]:
         """Names of the files directly in folder `rel` (no temporaries): one listing call, not one per file."""

@@ -13,7 +13,6 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from interposer.files import write_bytes_durably
 
 from .schema import DatasetFiles
 
@@ -43,16 +42,10 @@ class Store(DatasetFiles):
         self.fs.delete_dir_contents(self.path(rel), missing_dir_ok=True)
 
     def write_bytes(self, rel: str, data: bytes) -> None:
-        target = self.path(rel)
         try:
-            self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
-            if self.local:
-                write_bytes_durably(target, data)
-            else:  # object stores make an object visible only once its upload completes
-                with self.fs.open_output_stream(target) as f:
-                    f.write(data)
+            super().write_bytes(rel, data)
         except OSError as e:  # disk full, read-only, a file where a folder should be: say which file
-            raise StoreWriteError(f"cannot write {target}: {e.strerror or e}; nothing half-written was left, "
+            raise StoreWriteError(f"cannot write {self.path(rel)}: {e.strerror or e}; nothing half-written was left, "
                                   "fix this and rerun the same command to go on") from e
 
     def write_table(self, rel: str, table: pa.Table, row_group_size: int | None = None) -> None:

@@ -27,6 +27,7 @@ from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from interposer.spaces import get_space
@@ -75,40 +76,38 @@ class PairReader:
         self.files = DatasetFiles(data)
         self.shards = self.manifest.shards
 
-    def _latents(self, space: str, shard: int, keys: list[str]) -> np.ndarray:
-        """(len(keys), C, h, w) float16: the latents of `keys`, reading only the row groups that hold them."""
-        shape = self.manifest.spaces[space].latent_shape
+    def _latents(self, f: pq.ParquetFile, at: dict[str, int], keys: list[str], space: str) -> np.ndarray:
+        """(len(keys), C, h, w) float16: the latents of `keys` (rows `at[key]` of latent file `f`), reading
+        only the row groups that hold them."""
         if not keys:
-            return np.zeros((0, *shape), np.float16)
-        f = self.files.parquet_file(latents_path(space, shard))
-        at = {k: i for i, k in enumerate(f.read(columns=["tile_key"]).column(0).to_pylist())}
-        rows = [at[k] for k in keys]
+            return np.zeros((0, *self.manifest.spaces[space].latent_shape), np.float16)
         starts = np.cumsum([0] + [f.metadata.row_group(g).num_rows for g in range(f.num_row_groups)]).tolist()
-        groups = sorted({bisect.bisect_right(starts, r) - 1 for r in rows})
-        table = f.read_row_groups(groups, columns=["latent"])
-        base, offset = {}, 0  # first row of each read group within `table`
+        group_of = [(r, bisect.bisect_right(starts, r) - 1) for r in (at[k] for k in keys)]
+        groups = sorted({g for _, g in group_of})
+        base, offset = {}, 0  # first row of each read group within the table read
         for g in groups:
             base[g], offset = offset, offset + starts[g + 1] - starts[g]
-        local = [base[g] + r - starts[g] for r in rows for g in [bisect.bisect_right(starts, r) - 1]]
-        out = read_latents(table)
+        local = [base[g] + r - starts[g] for r, g in group_of]
+        out = read_latents(f.read_row_groups(groups, columns=["latent"]))
         return out if local == list(range(len(out))) else out[local]
 
     def shard(self, shard: int, split: str, limit: int | None = None) -> ShardTiles:
         """The shard's tiles of `split` ("train", "val" or "all") with latents in both spaces (at most `limit`)."""
         tiles = self.files.read_table(tiles_path(shard))
-        have = [set(self.files.read_table(latents_path(c, shard), columns=["tile_key"]).column(0).to_pylist())
-                for c in (self.src, self.dst)]
+        files = [self.files.parquet_file(latents_path(c, shard)) for c in (self.src, self.dst)]
+        at = [{k: i for i, k in enumerate(f.read(columns=["tile_key"]).column(0).to_pylist())} for f in files]
         keep = []
         for i, (key, image_id) in enumerate(zip(tiles.column("tile_key").to_pylist(),
                                                 tiles.column("image_id").to_pylist())):
-            if key in have[0] and key in have[1] and (
+            if key in at[0] and key in at[1] and (
                     split == "all" or is_validation(image_id, self.val_fraction) == (split == "val")):
                 keep.append(i)
                 if limit is not None and len(keep) >= limit:
                     break
         rows = tiles.take(pa.array(keep, pa.int64()))
         keys = rows.column("tile_key").to_pylist()
-        return ShardTiles(rows, self._latents(self.src, shard, keys), self._latents(self.dst, shard, keys))
+        return ShardTiles(rows, self._latents(files[0], at[0], keys, self.src),
+                          self._latents(files[1], at[1], keys, self.dst))
 
     def iter_split(self, split: str, limit: int | None = None) -> Iterator[ShardTiles]:
         """The split's tiles shard by shard in dataset order, at most `limit` in all; reads stop there."""
@@ -239,11 +238,3 @@ class CropStream:
         self._current = self._next = None
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
-
-
-def iter_pair(data: str, src: str, dst: str, split: str, val_fraction: float):
-    """(tile row, src latent, dst latent) for each tile of `split` with latents in both spaces, in dataset
-    order; reads one shard at a time."""
-    for part in PairReader(data, src, dst, val_fraction).iter_split(split):
-        for row, a, b in zip(part.rows.to_pylist(), part.src, part.dst):
-            yield row, a, b

@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 
 from interposer import save_interposer, save_released
-from interposer.files import write_bytes_durably
 from interposer.model import InterposerModel
 from interposer.pipeline.schema import DatasetFiles, images_path, read_manifest
 
@@ -72,22 +71,9 @@ def _run_dir(spec: RunSpec) -> str:
     return f"{base}/{spec.name}"
 
 
-class _RunFolder(DatasetFiles):
-    """OUT/NAME, local or a pyarrow filesystem URI: read like a dataset, files written whole (atomically and
-    fsynced locally; object stores show an object only once its upload completes)."""
-
-    def write_bytes(self, rel: str, data: bytes) -> None:
-        target = self.path(rel)
-        self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
-        if self.local:
-            write_bytes_durably(target, data)
-        else:
-            with self.fs.open_output_stream(target) as f:
-                f.write(data)
-
-
-def _store(spec: RunSpec) -> _RunFolder:
-    return _RunFolder(_run_dir(spec))
+def _store(spec: RunSpec) -> DatasetFiles:
+    """OUT/NAME, local or a pyarrow filesystem URI; files written whole."""
+    return DatasetFiles(_run_dir(spec))
 
 
 def _check_resume(cfg: TrainConfig, spec: RunSpec, fingerprint: str) -> dict | None:

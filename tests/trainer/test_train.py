@@ -78,24 +78,15 @@ def test_resume_with_other_settings_is_refused(reference, dataset, vaes, tmp_pat
 def _train_workers() -> list[int]:
     """Ray Train worker processes of *this* test session's Ray (the raylet this process started spawns them):
     descendants of this process, never a process found by name alone (another Ray may run on the machine)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            pid, rest = stat.read_text().split(" (", 1)
-        except OSError:
-            continue
-        children.setdefault(int(rest.rsplit(") ", 1)[1].split()[1]), []).append(int(pid))
-    mine, todo = [], [os.getpid()]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            mine.append(child)
-            todo.append(child)
+    from interposer._watchdog import descendants
+
     def title(pid: int) -> str:
         try:
             return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
         except OSError:
             return ""
-    return sorted(pid for pid in mine if "RayTrainWorker" in title(pid))
+
+    return sorted(pid for pid in descendants(os.getpid()) if "RayTrainWorker" in title(pid))
 
 
 def _registered_steps(run: Path) -> list[int]:
