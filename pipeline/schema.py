@@ -279,6 +279,12 @@ def register_manifest_spaces(manifest: Manifest) -> None:
             register_space(entry.space)
 
 
+def images_table(rows: list[dict], summary: dict[str, Any]) -> pa.Table:
+    """A shard's images file: its rows, and its counts in the footer (read back with shard_summary)."""
+    table = pa.Table.from_pylist(rows, schema=IMAGES_SCHEMA)
+    return table.replace_schema_metadata({SUMMARY_KEY: json.dumps(summary, sort_keys=True).encode()})
+
+
 def shard_summary(metadata: dict[bytes, bytes] | None) -> dict[str, Any]:
     """The counts a shard's images file carries in its footer (see SUMMARY_KEY)."""
     return json.loads((metadata or {}).get(SUMMARY_KEY, b"{}"))

@@ -25,12 +25,11 @@ import pyarrow as pa
 from .encoder import TileEncoder, VAESpec
 from .rows import Cut, CutParams, cut_image
 from .schema import (
-    IMAGES_SCHEMA,
-    SUMMARY_KEY,
+    LATENT_ROWS_PER_GROUP,
     TILES_SCHEMA,
     images_path,
+    images_table,
     index_path,
-    LATENT_ROWS_PER_GROUP,
     latent_table,
     latents_path,
     tile_key,
@@ -142,9 +141,7 @@ class ShardWorker:
         self.store.write_table(tiles_path(shard), pa.Table.from_pylist(tile_rows, schema=TILES_SCHEMA))
         summary = dict(images=len(image_rows), images_ok=sum(r["status"] == "ok" for r in image_rows),
                        tiles=len(tile_rows), skipped=dict(sorted(skipped.items())))
-        table = pa.Table.from_pylist(image_rows, schema=IMAGES_SCHEMA)
-        table = table.replace_schema_metadata({SUMMARY_KEY: json.dumps(summary, sort_keys=True).encode()})
-        self.store.write_table(images_path(shard), table)  # last: marks the shard done
+        self.store.write_table(images_path(shard), images_table(image_rows, summary))  # last: marks it done
         return summary
 
     def add_to_shard(self, shard: int) -> dict:

@@ -69,14 +69,13 @@ def write_synthetic_dataset(folder: str | Path, images: int, tiles_per_image: in
     its latent shape (C, h, w) (default xl and v1 at 4x64x64); `fill(code, keys, shape)` gives the
     (n, C, h, w) latents of a shard's tiles (default: standard normal, seeded by (seed, code, shard))."""
     import hashlib
-    import json
     import math
 
     import numpy as np
     import pyarrow as pa
 
-    from .schema import (IMAGES_SCHEMA, LATENT_ROWS_PER_GROUP, MANIFEST, SUMMARY_KEY, TILES_SCHEMA, Manifest,
-                         SpaceEntry, images_path, latent_table, latents_path, shard_of, tile_key, tiles_path)
+    from .schema import (LATENT_ROWS_PER_GROUP, MANIFEST, TILES_SCHEMA, Manifest, SpaceEntry, images_path,
+                         images_table, latent_table, latents_path, shard_of, tile_key, tiles_path)
     from .store import Store
 
     spaces = spaces or {"xl": (4, 64, 64), "v1": (4, 64, 64)}
@@ -91,8 +90,8 @@ def write_synthetic_dataset(folder: str | Path, images: int, tiles_per_image: in
         rng = np.random.default_rng([seed, shard, *code.encode()])
         return rng.standard_normal((len(keys), *shape), dtype=np.float32).astype(np.float16)
 
-    side = {code: get_space(code).factor * shape[1] for code, shape in spaces.items()}
-    tile = next(iter(side.values()))
+    first = next(iter(spaces))
+    tile = get_space(first).factor * spaces[first][1]  # pixels of a tile side
     for shard, members in enumerate(by_shard):
         keys = [tile_key(i, t) for i in members for t in range(tiles_per_image)]
         for code, shape in spaces.items():
@@ -103,12 +102,10 @@ def write_synthetic_dataset(folder: str | Path, images: int, tiles_per_image: in
             [dict(tile_key=k, image_id=k[:64], uri=f"synthetic/{k[:64]}", tile_index=int(k[65:]),
                   box=[0, 0, tile, tile]) for k in keys], schema=TILES_SCHEMA))
         summary = dict(images=len(members), images_ok=len(members), tiles=len(keys), skipped={})
-        table = pa.Table.from_pylist(
+        store.write_table(images_path(shard), images_table(
             [dict(image_id=i, uri=f"synthetic/{i}", width=tile, height=tile * tiles_per_image, resized_width=tile,
                   resized_height=tile * tiles_per_image, tiles=tiles_per_image, nonfinite=0, status="ok")
-             for i in members], schema=IMAGES_SCHEMA)
-        store.write_table(images_path(shard), table.replace_schema_metadata(
-            {SUMMARY_KEY: json.dumps(summary, sort_keys=True).encode()}))
+             for i in members], summary))
     entries = {code: SpaceEntry(vae=f"synthetic:{code}", subfolder=None, vae_class=get_space(code).vae_class,
                                 dtype="float32", fingerprint=f"sha256:synthetic-{code}-{seed}",
                                 channels=shape[0], factor=get_space(code).factor, latent_shape=list(shape),
