@@ -8,6 +8,12 @@ from pathlib import Path
 from typing import Callable
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     """Call write(tmp) on a temporary path beside `path`, then rename it into place. The temporary is named
     `.NAME.*.tmp`, so a cleaner can find what a killed process left (pipeline.store.Store.remove_temporaries)."""
@@ -16,6 +22,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
         raise FileNotFoundError(f"{path.parent}: output folder does not exist")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600: give what a plain open() would, others may read it
     try:
         write(tmp)
         os.replace(tmp, path)

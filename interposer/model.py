@@ -87,6 +87,7 @@ class Resample(nn.Module):
 class InterposerModel(nn.Module):
     """raw latents (B, ch_in, H, W) -> raw latents (B, ch_out, H*scale, W*scale)."""
 
+    architecture = "interposer-v4"  # config.json's name for this network (interposer.weights.ARCHITECTURES)
     # Set by the loaders (interposer.weights), not by the constructor: what the network converts.
     src: str | None = None
     dst: str | None = None

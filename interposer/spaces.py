@@ -42,6 +42,7 @@ class LatentSpace:
     fp16_ok: bool = True  # False where the default VAE makes NaN/inf in fp16
     video: bool = False  # latents may carry a time axis (B, C, T, H, W)
     notes: str = ""  # what a user should know
+    decoder: bool = True  # False for encoder-only VAEs: nothing decodes this space's latents to pixels
 
     def __post_init__(self):
         if self.scaling == "per_channel" and (

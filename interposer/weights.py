@@ -15,6 +15,7 @@ any extra `search_dirs` -> the Hub (hf_hub_download, which honours HF_HUB_OFFLIN
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from pathlib import Path
@@ -25,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from .files import atomic_write
 from .model import InterposerModel
+from .shuffle_model import ShuffleInterposer
 from .spaces import (
     RELEASE_REPO,
     RELEASE_VERSION,
@@ -38,8 +40,23 @@ from .spaces import (
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-ARCHITECTURE = "interposer-v4"
-_ARG_NAMES = ("ch_in", "ch_out", "ch_mid", "blocks", "scale")
+ARCHITECTURE = InterposerModel.architecture  # config.json without "architecture" (older exports): v4
+ARCHITECTURES: dict[str, type] = {cls.architecture: cls for cls in (InterposerModel, ShuffleInterposer)}
+Interposer = InterposerModel | ShuffleInterposer
+_ARG_NAMES = ("ch_in", "ch_out", "ch_mid", "blocks", "scale")  # every architecture's required arguments
+
+
+def network_class(architecture: str) -> type:
+    """The network class config.json's `architecture` names; ValueError listing the known ones."""
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"architecture {architecture!r} is not one of {', '.join(ARCHITECTURES)}; "
+                         "a newer latent-interposer may know it")
+    return ARCHITECTURES[architecture]
+
+
+def is_v4(model) -> bool:
+    """Whether a network has city96's v4.0 layout and size (64 wide, 12 blocks): the released file layout."""
+    return isinstance(model, InterposerModel) and (model.ch_mid, model.blocks) == (64, 12)
 
 
 class WeightsNotFoundError(FileNotFoundError):
@@ -72,7 +89,7 @@ def save_interposer(model: InterposerModel, folder: str | Path, src: str, dst: s
     if model.ch_in != s.channels or model.ch_out != d.channels:
         raise ValueError(f"model maps {model.ch_in} -> {model.ch_out} channels but {s.code} -> {d.code} "
                          f"needs {s.channels} -> {d.channels}")
-    config = dict(architecture=ARCHITECTURE, **model.args(), src=s.code, dst=d.code, version=version,
+    config = dict(architecture=model.architecture, **model.args(), src=s.code, dst=d.code, version=version,
                   layout="raw", spaces={s.code: s.to_dict(), d.code: d.to_dict()}, **(extra or {}))
     state = _cpu_state(model)
     atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"pair": f"{s.code}->{d.code}"}))
@@ -109,8 +126,8 @@ def _file_metadata(path: Path) -> dict[str, str]:
         return {}
 
 
-def _build(args: dict, state: dict[str, torch.Tensor], where: Path) -> InterposerModel:
-    model = InterposerModel(**args)
+def _build(args: dict, state: dict[str, torch.Tensor], where: Path, architecture: str = ARCHITECTURE) -> Interposer:
+    model = network_class(architecture)(**args)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -150,15 +167,18 @@ def _load_folder(folder: Path, src: str | None, dst: str | None) -> InterposerMo
     register_spaces_of(folder)
     try:
         config = json.loads(cfg_path.read_text())
-        args = {k: config[k] for k in _ARG_NAMES}
+        architecture = config.get("architecture", ARCHITECTURE)
+        if architecture not in ARCHITECTURES:
+            raise ValueError(f"{cfg_path}: architecture {architecture!r} is not one of {', '.join(ARCHITECTURES)}; "
+                             "a newer latent-interposer may know it")
+        known = inspect.signature(ARCHITECTURES[architecture]).parameters
+        args = {k: config[k] for k in _ARG_NAMES} | {k: config[k] for k in known if k in config}
         f_src, f_dst = get_space(config["src"]).code, get_space(config["dst"]).code
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"{cfg_path}: not an interposer config ({e!r}); it needs {', '.join(_ARG_NAMES)}, src, dst")
-    if config.get("architecture", ARCHITECTURE) != ARCHITECTURE:
-        raise ValueError(f"{cfg_path}: architecture {config['architecture']!r} is not {ARCHITECTURE!r}")
     if (src and get_space(src).code != f_src) or (dst and get_space(dst).code != f_dst):
         raise ValueError(f"{folder} converts {f_src} -> {f_dst}, not {get_space(src).code} -> {get_space(dst).code}")
-    model = _build(args, _read_state(folder / WEIGHTS_NAME), folder)
+    model = _build(args, _read_state(folder / WEIGHTS_NAME), folder, architecture)
     _check_pair(model, f_src, f_dst, folder)
     model.src, model.dst, model.version, model.source = f_src, f_dst, str(config.get("version", "")), str(folder)
     return model

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, replace
 from interposer import __version__
 from interposer.spaces import get_space, is_builtin
 
-from .encoder import VAESpec, fingerprint, load_vae, parse_space_arg, resolve_source
+from .encoder import VAESpec, load_vae, parse_space_arg, resolve_source, source_fingerprint
 from .images import DEFAULT_MAX_PIXELS
 from .index import add_counts, build_index
 from .inspection import inspect_dataset  # noqa: F401  (re-exported)
@@ -59,6 +59,7 @@ class EncodeOptions:
     gpu_wait: float = DEFAULT_GPU_WAIT  # seconds to wait for a cluster's autoscaler to add a GPU node
     decode_threads: int = DECODE_THREADS  # image decode threads in each GPU encoder actor
     quiet: bool = False
+    trust_remote_code: bool = False  # VAEs that ship their own code may run it (driver and workers)
 
     def __post_init__(self):
         for name in ("batch_size", "decode_threads"):
@@ -118,17 +119,20 @@ def default_requests(gpus: float = 1.0) -> dict[str, dict[str, float]]:
 # ------------------------------------------------------------------------------------------- the VAEs
 
 
-def _specs(space_args: list[str], latent: str, store_std: bool) -> list[VAESpec]:
+def _specs(space_args: list[str], latent: str, store_std: bool, trust_remote_code: bool = False) -> list[VAESpec]:
+    from interposer.vae import check_trust
+
     specs, seen = [], set()
     for arg in space_args:
-        code, source, sub = parse_space_arg(arg)
+        code, source, sub = parse_space_arg(arg, trust_remote_code)
         if code in seen:
             raise ValueError(f"--space {code} is given twice")
         seen.add(code)
         space = get_space(code)
         source, sub = resolve_source(space, source, sub)
         definition = None if is_builtin(code) else space.to_dict()
-        specs.append(VAESpec(code, source, sub, "float32", latent, store_std, definition))
+        hashes = check_trust(source, sub, trust_remote_code, what=f"--space {code}: the VAE")
+        specs.append(VAESpec(code, source, sub, "float32", latent, store_std, definition, trust_remote_code, hashes))
     if not specs:
         raise ValueError("give at least one --space")
     return specs
@@ -144,7 +148,7 @@ def _space_entries(specs: list[VAESpec], tile_size: int) -> dict[str, SpaceEntry
     entries = {}
     for spec in specs:
         space = get_space(spec.space)
-        vae = load_vae(space, spec.source, spec.subfolder)
+        vae = load_vae(space, spec.source, spec.subfolder, trust_remote_code=spec.trust_remote_code, code=spec.code)
         side = 64
         latent, std = encode_raw(vae, space, torch.zeros(1, 3, side, side))
         expected = (space.channels, side // space.factor, side // space.factor)
@@ -157,9 +161,10 @@ def _space_entries(specs: list[VAESpec], tile_size: int) -> dict[str, SpaceEntry
                              "build without --store-std")
         h = tile_size // space.factor
         entries[spec.space] = SpaceEntry(
-            vae=spec.source, subfolder=spec.subfolder, vae_class=space.vae_class, dtype=spec.dtype,
-            fingerprint=fingerprint(vae), channels=space.channels, factor=space.factor,
-            latent_shape=[space.channels, h, h], latent=spec.latent, store_std=spec.store_std, space=space.to_dict())
+            vae=spec.source, subfolder=spec.subfolder, vae_class=type(vae).__name__, dtype=spec.dtype,
+            fingerprint=source_fingerprint(vae, spec.source), channels=space.channels, factor=space.factor,
+            latent_shape=[space.channels, h, h], latent=spec.latent, store_std=spec.store_std, space=space.to_dict(),
+            code=spec.code)
         del vae
     return entries
 
@@ -220,7 +225,7 @@ def _identity_diff(old: Manifest, new: Manifest) -> list[str]:
         diffs.append(f"spaces: dataset has {', '.join(sorted(old.spaces))}, you asked {', '.join(sorted(new.spaces))}")
     for code in set(old.spaces) & set(new.spaces):
         a, b = old.spaces[code], new.spaces[code]
-        for attr in ("vae", "subfolder", "fingerprint", "dtype", "latent", "store_std"):
+        for attr in ("vae", "subfolder", "fingerprint", "code", "dtype", "latent", "store_std"):
             if getattr(a, attr) != getattr(b, attr):
                 diffs.append(f"{code} {attr}: dataset has {getattr(a, attr)!r}, you asked {getattr(b, attr)!r}")
     return diffs
@@ -239,7 +244,7 @@ def build(cfg: BuildConfig) -> Manifest:
         old = read_manifest(cfg.out, "--out")
     elif not store.is_empty_or_missing():
         raise ValueError(f"--out {cfg.out} holds files but no {MANIFEST}; use an empty or new folder")
-    specs = _specs(cfg.spaces, cfg.latent, cfg.store_std)
+    specs = _specs(cfg.spaces, cfg.latent, cfg.store_std, cfg.trust_remote_code)
     check_sources(cfg.images)
     entries = _space_entries(specs, cfg.tile_size)
     manifest = Manifest(tile_size=cfg.tile_size, max_tiles=cfg.max_tiles, min_size=cfg.min_size,
@@ -339,11 +344,11 @@ def add_space(cfg: AddSpaceConfig) -> Manifest:
     """Encode one more space for the tiles a dataset already has; existing files are not touched."""
     store = Store(cfg.data)
     manifest = read_manifest(cfg.data)
-    code = parse_space_arg(cfg.space)[0]
+    code = parse_space_arg(cfg.space, cfg.trust_remote_code)[0]
     if not manifest.complete and code not in manifest.spaces:
         raise ValueError(f"{cfg.data} is not finished; rerun its `interposer data build` command first")
     first = next(iter(manifest.spaces.values()))
-    specs = _specs([cfg.space], first.latent, first.store_std)
+    specs = _specs([cfg.space], first.latent, first.store_std, cfg.trust_remote_code)
     entry = _space_entries(specs, manifest.tile_size)[code]
     ray, started = ray_for_data()
     try:
@@ -353,7 +358,7 @@ def add_space(cfg: AddSpaceConfig) -> Manifest:
         if code in manifest.spaces:
             old = manifest.spaces[code]
             diffs = [f"{a}: dataset has {getattr(old, a)!r}, you asked {getattr(entry, a)!r}"
-                     for a in ("vae", "subfolder", "fingerprint", "dtype") if getattr(old, a) != getattr(entry, a)]
+                     for a in ("vae", "subfolder", "fingerprint", "code", "dtype") if getattr(old, a) != getattr(entry, a)]
             if diffs:
                 raise ValueError(f"{cfg.data} already has {code} from another VAE ({'; '.join(diffs)}); "
                                  "build a new dataset for it")

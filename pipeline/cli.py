@@ -24,8 +24,10 @@ def _add_build(sub) -> None:
                    help="image sources: folders (recursive), globs, listing files (.txt one per line, .csv/.parquet "
                    "with a uri column), s3:// or gs:// prefixes")
     p.add_argument("--space", action="append", required=True, metavar="CODE[=VAE]",
-                   help="a latent space to encode, repeatable; VAE overrides the registry's default: a local folder, "
-                   "or a Hub repo id with an optional :subfolder (e.g. xl=madebyollin/sdxl-vae-fp16-fix)")
+                   help="a latent space to encode, repeatable; VAE overrides the registry's default: a local diffusers "
+                   "folder, a Hub repo id with an optional :subfolder (e.g. xl=madebyollin/sdxl-vae-fp16-fix), or a "
+                   "single-file .safetensors checkpoint (v1=/models/vae/vae-ft-mse.safetensors); a CODE the registry "
+                   "does not know defines a new space from its VAE")
     p.add_argument("--out", required=True, help="dataset folder or URI (s3://...)")
     p.add_argument("--tile-size", type=int, default=1024, help="tile side in pixels, a multiple of 64 (default 1024)")
     p.add_argument("--max-tiles", type=int, default=6, help="tiles per image at most (default 6)")
@@ -61,12 +63,16 @@ def _add_encoding_flags(p) -> None:
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="encoder precision (default auto: bfloat16 on GPU, float32 on CPU); NaN/inf tiles are "
                    "retried in float32")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let VAEs that ship their own modelling code (config.json auto_map) run it, here and on every "
+                   "Ray worker; read that code first. Needed on every command that loads such a VAE")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
 
 
 def _encode_options(args) -> dict:
     return dict(batch_size=args.batch_size, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
-                dtype=args.dtype, gpu_wait=args.gpu_wait, decode_threads=args.decode_threads, quiet=args.quiet)
+                dtype=args.dtype, gpu_wait=args.gpu_wait, decode_threads=args.decode_threads, quiet=args.quiet,
+                trust_remote_code=args.trust_remote_code)
 
 
 def _cmd_build(args) -> int:
@@ -130,8 +136,10 @@ def _cmd_inspect(args) -> int:
     for code, s in info["spaces"].items():
         st = info["stats"][code]
         sub = f":{s['subfolder']}" if s["subfolder"] else ""
+        own = f", runs its own code ({', '.join(s['code'])})" if s.get("code") else ""
+        enc = ", encoder only" if s.get("space") and not s["space"].get("decoder", True) else ""
         print(f"  {code}: {s['tiles']} latents {tuple(s['latent_shape'])} from {s['vae_class']} {s['vae']}{sub} "
-              f"({s['dtype']}, {s['latent']}), weights {s['fingerprint'][:19]}...")
+              f"({s['dtype']}, {s['latent']}{own}{enc}), weights {s['fingerprint'][:19]}...")
         print(f"      mean {' '.join(f'{v:+.3f}' for v in st['mean'])}")
         print(f"      std  {' '.join(f'{v:.3f}' for v in st['std'])}")
     return 0

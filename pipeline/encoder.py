@@ -32,12 +32,14 @@ class VAESpec:
     latent: str = "mean"  # "mean" or "sample"
     store_std: bool = False
     definition: dict | None = None  # LatentSpace.to_dict() of a space defined by its VAE: workers register it
+    trust_remote_code: bool = False  # the user passed --trust-remote-code (a VAE with its own code may load)
+    code: dict | None = None  # {code file: sha256} of such a VAE, as the driver saw it: workers load only that
 
 
-def parse_space_arg(arg: str) -> tuple[str, str | None, str | None]:
-    """'xl' / 'xl=REPO' / 'xl=REPO:SUBFOLDER' / 'xl=/local/folder' -> (code, source or None, subfolder).
-    A NAME the registry does not know, with a VAE, defines a new space from that VAE (interposer.vae.
-    space_from_vae) and registers it in this process."""
+def parse_space_arg(arg: str, trust_remote_code: bool = False) -> tuple[str, str | None, str | None]:
+    """'xl' / 'xl=REPO' / 'xl=REPO:SUBFOLDER' / 'xl=/local/folder' / 'v1=/models/vae/file.safetensors' ->
+    (code, source or None, subfolder). A NAME the registry does not know, with a VAE, defines a new space from
+    that VAE (interposer.vae.space_from_vae) and registers it in this process."""
     name, _, vae = arg.partition("=")
     if not vae:
         return get_space(name).code, None, None
@@ -55,7 +57,7 @@ def parse_space_arg(arg: str) -> tuple[str, str | None, str | None]:
     # must be the same: register_space refuses other latents under a known name, naming both)
     from interposer.vae import space_from_vae
 
-    return register_space(space_from_vae(name.strip(), source, sub)).code, source, sub
+    return register_space(space_from_vae(name.strip(), source, sub, trust_remote_code)).code, source, sub
 
 
 def resolve_source(space: LatentSpace, source: str | None, subfolder: str | None) -> tuple[str, str | None]:
@@ -68,6 +70,13 @@ def resolve_source(space: LatentSpace, source: str | None, subfolder: str | None
             and (local / space.vae_subfolder / "config.json").is_file():
         return source, space.vae_subfolder
     return source, subfolder
+
+
+def source_fingerprint(vae: torch.nn.Module, source: str) -> str:
+    """A single-file checkpoint's own sha256 (the file users compare); else `fingerprint(vae)`."""
+    from interposer.vae import file_sha256, is_single_file
+
+    return file_sha256(source) if is_single_file(source) else fingerprint(vae)
 
 
 def fingerprint(vae: torch.nn.Module) -> str:
@@ -101,7 +110,7 @@ class TileEncoder:
                 register_space(spec.definition)
             space = get_space(spec.space)
             self.vaes[spec.space] = load_vae(space, spec.source, spec.subfolder, getattr(torch, spec.dtype),
-                                             self.device)
+                                             self.device, spec.trust_remote_code, spec.code)
         self._fp32 = {}  # fp32 copies, made on the first NaN/inf
 
     def _fp32_vae(self, spec: VAESpec):
@@ -109,7 +118,7 @@ class TileEncoder:
             vae = self.vaes[spec.space]
             self._fp32[spec.space] = (vae if vae.dtype == torch.float32
                                       else load_vae(get_space(spec.space), spec.source, spec.subfolder,
-                                                    torch.float32, self.device))
+                                                    torch.float32, self.device, spec.trust_remote_code, spec.code))
         return self._fp32[spec.space]
 
     def encode(self, tiles: np.ndarray, keys: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray | None, np.ndarray]]:

@@ -157,6 +157,8 @@ class SpaceEntry:
     #                 its VAE gave NaN/inf on some: join on tile_key)
     space: dict | None = None  # the full space definition (interposer.spaces.LatentSpace.to_dict()): a space
     #                            defined by its VAE is known from here to add-space, train and eval
+    code: dict | None = None  # a VAE that runs its own code: {code file: "sha256:..."}; later commands loading
+    #                           this VAE refuse other code (and still need --trust-remote-code themselves)
 
 
 @dataclass

@@ -34,10 +34,26 @@ def _add_train(sub) -> None:
     p.add_argument("--max-failures", type=int, default=None,
                    help="worker failures recovered from the latest checkpoint by Ray Train (default 3; -1: always)")
     p.add_argument("--seed", type=int, default=None, help="seed of every random draw (default 0)")
+    p.add_argument("--arch", choices=("auto", "v4", "shuffle"), default=None,
+                   help="network: v4 (city96's layout; released files), shuffle (pixel (un)shuffle resampling, "
+                   "normalised, with a linear path); default auto: v4 where both spaces have one spatial factor, "
+                   "shuffle where they differ")
+    p.add_argument("--lr", type=float, default=None,
+                   help="AdamW learning rate (default: the network's recipe, v4 5e-4, shuffle 2e-3)")
+    p.add_argument("--ch-mid", type=int, default=None, help="network width (default 64)")
+    p.add_argument("--blocks", type=int, default=None, help="residual blocks (default 12)")
+    p.add_argument("--fconst", type=int, default=None,
+                   help="steps at constant learning rate before the cosine decay to the last step (default 30000; "
+                   "0: decay over the whole run)")
+    p.add_argument("--decoded-loss-weight", type=float, default=None,
+                   help="weight of an L1 loss in pixels through the frozen target decoder (default 0: off)")
     p.add_argument("--fallback-checkpoint", action="store_true", default=None,
                    help="if the latest checkpoint is unreadable (e.g. truncated), resume from the previous one "
                    "(default: stop with an error naming it)")
     p.add_argument("--rev", default="v5.0", help="version in the exported released-layout file name (default v5.0)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let a target VAE that ships its own code run it (needed only with a decoded loss, which "
+                   "loads the target decoder); a dataset never grants this by itself")
     p.set_defaults(func=_cmd_train)
 
 
@@ -51,8 +67,11 @@ def _cmd_train(args) -> int:
     cfg = load_config(args.config, src=args.src, dst=args.dst, steps=args.steps, batch=args.batch, crop=args.crop,
                       workers=args.workers, gpu=args.gpu, checkpoint_every=args.checkpoint_every,
                       eval_every=args.eval_every, max_failures=args.max_failures, seed=args.seed,
-                      fallback_checkpoint=args.fallback_checkpoint, val_fraction=args.val_fraction)
-    train(cfg, RunSpec(data=args.data, out=args.out, name=args.name, rev=args.rev))
+                      fallback_checkpoint=args.fallback_checkpoint, val_fraction=args.val_fraction, arch=args.arch,
+                      lr=args.lr, ch_mid=args.ch_mid, blocks=args.blocks, fconst=args.fconst,
+                      decoded_loss_weight=args.decoded_loss_weight)
+    train(cfg, RunSpec(data=args.data, out=args.out, name=args.name, rev=args.rev,
+                       trust_remote_code=args.trust_remote_code))
     return 0
 
 
@@ -74,7 +93,13 @@ def _add_eval(sub) -> None:
     p.add_argument("--dst", default=None, help="target space, for a bare released-layout file")
     p.add_argument("--vae", action="append", default=[], metavar="CODE=SOURCE",
                    help="use another VAE for a space than the dataset's manifest names (repeatable)")
-    p.add_argument("--out", default=None, help="where to write eval.json (default: beside the model)")
+    p.add_argument("--out", default=None, help="where to write eval.json and eval.png (default: beside the model)")
+    p.add_argument("--linear-data", default=None, metavar="DATASET",
+                   help="fit the linear baseline on this dataset's tiles (default: --data's train split); for a "
+                   "test set of held-out images, give the training dataset")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let the dataset's VAEs that ship their own code run it (a dataset never grants this by "
+                   "itself); the code must be what the dataset was built with")
     p.set_defaults(func=_cmd_eval)
 
 
@@ -106,12 +131,14 @@ def _cmd_eval(args) -> int:
             val_fraction = 0.02
         else:
             print(f"validation share {val_fraction} (the run's own, from {config})")
-    result = evaluate(str(model), args.data, split=args.split, limit=args.limit or None, device=args.device,
-                      val_fraction=val_fraction, src=args.src, dst=args.dst, vaes=vaes)
-    print(format_table(result))
     out = Path(args.out) if args.out else (model / EVAL_FILE if model.is_dir() else Path(EVAL_FILE))
+    result = evaluate(str(model), args.data, split=args.split, limit=args.limit or None, device=args.device,
+                      val_fraction=val_fraction, src=args.src, dst=args.dst, vaes=vaes,
+                      trust_remote_code=args.trust_remote_code, grid=out.with_suffix(".png"),
+                      linear_data=args.linear_data)
+    print(format_table(result))
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    print(f"wrote {out}" + (f" and {out.with_suffix('.png')}" if result.get("grid") else ""))
     return 0
 
 

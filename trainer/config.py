@@ -24,15 +24,23 @@ from typing import Any, Literal
 from interposer.spaces import get_space, pair_scale
 
 
+Arch = Literal["auto", "v4", "shuffle"]
+ARCH_NAMES = {"v4": "interposer-v4", "shuffle": "interposer-shuffle"}  # -> interposer.weights.ARCHITECTURES
+# the learning rate each network was tuned for (v4: city96's 50k-step recipe; shuffle: bench/quality.py's budget)
+RECIPE_LR = {"v4": 5e-4, "shuffle": 2e-3}
+
+
 @dataclass
 class ModelConfig:
     ch_mid: int = 64  # network width
     blocks: int = 12  # residual blocks
+    arch: Arch = "auto"  # network: v4 (city96's layout), shuffle (pixel (un)shuffle resampling, normalised, linear
+    #                      path); auto = v4 for pairs of one spatial factor, shuffle where the factors differ
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 5e-4  # AdamW learning rate
+    lr: float | None = None  # AdamW learning rate; None = the network's recipe (v4 5e-4, shuffle 2e-3)
     beta1: float = 0.5
     beta2: float = 0.95
     weight_decay: float = 0.01  # AdamW's default
@@ -145,6 +153,12 @@ class TrainConfig:
         self.src, self.dst = get_space(self.src).code, get_space(self.dst).code
         if self.src == self.dst:
             raise ValueError(f"src and dst are both {self.src}: nothing to train")
+        if self.model.arch not in ("auto", *ARCH_NAMES):
+            raise ValueError(f"arch must be auto, {' or '.join(ARCH_NAMES)}, got {self.model.arch!r}")
+        if self.model.arch == "auto":  # resolved here, so that run records hold the network actually trained
+            self.model.arch = "v4" if pair_scale(self.src, self.dst) == 1 else "shuffle"
+        if self.optim.lr is None:
+            self.optim.lr = RECIPE_LR[self.model.arch]
         flat = self.flat()
         positive = ("steps", "batch", "crop", "ch_mid", "eval_every", "checkpoint_every", "log_every",
                     "workers", "num_to_keep", "decoded_every", "decoded_crop", "eval_tiles",
@@ -171,6 +185,11 @@ class TrainConfig:
     @property
     def uses_secondary(self) -> bool:
         return any(getattr(self.loss, f"{n}_loss_weight") > 0 for n in ("b", "r", "h"))
+
+    @property
+    def architecture(self) -> str:
+        """config.json's name of the network (interposer.weights.ARCHITECTURES)."""
+        return ARCH_NAMES[self.model.arch]
 
     def model_args(self, reverse: bool = False) -> dict:
         s, d = (self.dst, self.src) if reverse else (self.src, self.dst)

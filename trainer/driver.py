@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from interposer import save_interposer, save_released
-from interposer.model import InterposerModel
+from interposer.weights import is_v4
 from interposer.pipeline.schema import DatasetFiles, images_path, read_manifest
 
 from .config import TrainConfig
@@ -55,6 +55,7 @@ class RunSpec:
     out: str
     name: str
     rev: str = "v5.0"  # version in the exported released-layout file name
+    trust_remote_code: bool = False  # a decoded loss may load a target VAE that runs its own code
 
     def __post_init__(self):
         # workers run elsewhere (another folder, another node): local paths travel absolute
@@ -90,6 +91,7 @@ def _check_resume(cfg: TrainConfig, spec: RunSpec, fingerprint: str) -> dict | N
     if any(isinstance(v, dict) for v in recorded.values()):  # grouped (flat in records of older versions)
         recorded = {k: v for key, value in recorded.items()
                     for k, v in (value.items() if isinstance(value, dict) else [(key, value)])}
+    recorded.setdefault("arch", "v4")  # records from before the shuffle network trained v4 for every pair
     for key, old in recorded.items():
         if key not in _FREE and new.get(key) != old:
             diffs.append(f"{key}: the run has {old!r}, you asked {new.get(key)!r}")
@@ -127,6 +129,34 @@ def _check_data(cfg: TrainConfig, data: str, manifest) -> bool:
     return found[True]
 
 
+STATS_TILES = 256  # train tiles the shuffle network's normalisation is measured on (the first, in dataset order)
+
+
+def train_stats(cfg: TrainConfig, data: str) -> dict | None:
+    """Per-channel latent statistics of the first STATS_TILES train tiles, for networks that normalise (the
+    same numbers on every rank and on every resume: they depend on the dataset and the split only)."""
+    if cfg.model.arch == "v4":
+        return None
+    from .data import PairReader
+    from .step import latent_stats
+
+    tiles = PairReader(data, cfg.src, cfg.dst, cfg.data.val_fraction).take("train", STATS_TILES)
+    return latent_stats(torch.from_numpy(tiles.src), torch.from_numpy(tiles.dst))
+
+
+def _check_decoder(cfg: TrainConfig, spec: RunSpec, manifest) -> None:
+    """A decoded loss needs the target's decoder, and trust where that VAE runs its own code: refused here,
+    before Ray starts (in the workers it would be retried as a worker failure)."""
+    from interposer.spaces import get_space
+    from interposer.vae import check_trust
+
+    entry = manifest.spaces[cfg.dst]
+    if not get_space(cfg.dst).decoder:
+        raise ValueError(f"decoded_loss_weight: the {cfg.dst} VAE ({entry.vae}) has no decoder (encoder only); "
+                         "set decoded_loss_weight to 0")
+    check_trust(entry.vae, entry.subfolder, spec.trust_remote_code, entry.code, f"the {cfg.dst} VAE")
+
+
 def train(cfg: TrainConfig, spec: RunSpec) -> Path | str:
     """Train (or resume, or find finished) the run OUT/NAME; returns the export folder."""
     begun = time.time()
@@ -134,6 +164,9 @@ def train(cfg: TrainConfig, spec: RunSpec) -> Path | str:
     check_pair(manifest, spec.data, cfg.src, cfg.dst)
     fingerprint = pair_fingerprint(manifest, cfg.src, cfg.dst)
     has_val = _check_data(cfg, spec.data, manifest)
+    if cfg.loss.decoded_loss_weight:
+        _check_decoder(cfg, spec, manifest)
+    stats = train_stats(cfg, spec.data)
     record = _check_resume(cfg, spec, fingerprint)
     store = _store(spec)
     export = f"{_run_dir(spec)}/{EXPORT}"
@@ -165,6 +198,7 @@ def train(cfg: TrainConfig, spec: RunSpec) -> Path | str:
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config=dict(cfg=cfg.to_dict(), data=spec.data, fingerprint=fingerprint, threads=cpus,
+                                   trust_remote_code=spec.trust_remote_code, stats=stats,
                                    has_val=has_val, started_at=begun,
                                    tensorboard=f"{_run_dir(spec)}/tensorboard" if _local(spec.out) else None),
             scaling_config=ScalingConfig(num_workers=cfg.resources.workers, use_gpu=cfg.resources.gpu,
@@ -193,21 +227,23 @@ def train(cfg: TrainConfig, spec: RunSpec) -> Path | str:
             ray.shutdown()
 
 
-def load_primary(folder, cfg: TrainConfig) -> InterposerModel:
+def load_primary(folder, cfg: TrainConfig):
     from safetensors.torch import load_file
 
-    model = InterposerModel(**cfg.model_args())
+    from .step import network
+
+    model = network(cfg)  # the shuffle network's statistics are buffers: the state dict restores them
     model.load_state_dict(load_file(str(Path(folder) / "primary.safetensors")))
     return model.eval()
 
 
-def _export(primary: InterposerModel, cfg: TrainConfig, spec: RunSpec) -> None:
+def _export(primary, cfg: TrainConfig, spec: RunSpec) -> None:
     """RUNS/NAME/export/: our format (model.safetensors + config.json) and the released layout file."""
     with tempfile.TemporaryDirectory() as tmp:
         save_interposer(primary, tmp, cfg.src, cfg.dst, version=spec.rev,
                         extra=dict(trained_steps=cfg.schedule.steps, data=spec.data,
                                    val_fraction=cfg.data.val_fraction, seed=cfg.seed))
-        if (cfg.model.ch_mid, cfg.model.blocks) == (64, 12):  # the v4 architecture: also the layout v4 loaders know
+        if is_v4(primary):  # the v4 architecture at v4's size: also the layout v4 loaders know
             save_released(primary, Path(tmp) / f"{cfg.src}-to-{cfg.dst}_interposer-{spec.rev}.safetensors")
         store = _store(spec)
         for p in sorted(Path(tmp).iterdir()):

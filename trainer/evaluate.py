@@ -78,11 +78,15 @@ def _tiles(reader, split: str, limit: int | None):
 
 def evaluate(model: str, data: str, split: str = "val", limit: int | None = 64, device: str = "cpu",
              val_fraction: float = 0.02, src: str | None = None, dst: str | None = None,
-             vaes: dict[str, str] | None = None, fit_tiles: int = 256, batch: int = 8) -> dict:
+             vaes: dict[str, str] | None = None, fit_tiles: int = 256, batch: int = 8,
+             trust_remote_code: bool = False, grid: str | Path | None = None, grid_tiles: int = 4,
+             linear_data: str | None = None) -> dict:
+    """The eval table (and, with `grid`, a PNG of a few tiles: original | target VAE | round trip | interposer |
+    linear, decoded by the target VAE). Encoder-only VAEs: the round trip needs the source's decoder and every
+    pixel metric the target's; what cannot be computed is left out and said once in `notes`."""
     from tqdm import tqdm
 
     from interposer.vae import decode_raw, encode_raw
-    from interposer.pipeline.rows import cut_one  # re-derives the original tile from its source image
 
     from .data import PairReader
 
@@ -91,19 +95,29 @@ def evaluate(model: str, data: str, split: str = "val", limit: int | None = 64, 
     net = load_interposer(str(path)) if src is None else load_interposer(src, dst, weights=path)
     src, dst = net.src, net.dst
     s, d = get_space(src), get_space(dst)
+    if not s.decoder and not d.decoder:
+        raise ValueError(f"neither the {src} nor the {dst} VAE has a decoder: no round trip and no pixels to "
+                         "compare; evaluate a pair where at least one side decodes")
     net = net.to(dev).eval()
     reader = PairReader(data, src, dst, val_fraction)
     manifest = reader.manifest
     rows, x, y = _tiles(reader, split, limit)
-    _, fx, fy = _tiles(reader, "train", fit_tiles)
+    # the linear baseline is fitted on training tiles: this dataset's train split, or another dataset's
+    _, fx, fy = _tiles(reader if linear_data is None else PairReader(linear_data, src, dst, 0.0), "train", fit_tiles)
     scale = pair_scale(src, dst)
     w, b = fit_linear(fx, fy, scale)
+    notes = []
+    if not s.decoder:
+        notes.append(f"round trip left out: the {src} VAE has no decoder")
+    if not d.decoder:
+        notes.append(f"no pixel metrics or picture: the {dst} VAE has no decoder (latent metrics only)")
 
     def vae(code):
         entry, space = manifest.spaces[code], get_space(code)
         source = (vaes or {}).get(code, entry.vae)
-        sub = None if (vaes or {}).get(code) else entry.subfolder
-        loaded = load_vae(space, source, sub, torch.float32, dev)
+        given = bool((vaes or {}).get(code))
+        loaded = load_vae(space, source, None if given else entry.subfolder, torch.float32, dev, trust_remote_code,
+                          None if given else entry.code)
         side = 8 * space.factor  # a VAE of the wrong shape: one line now, not a convolution error later
         got = encode_raw(loaded, space, torch.zeros(1, 3, side, side, device=dev))[0].shape[1:]
         if tuple(got) != (space.channels, 8, 8):
@@ -111,32 +125,34 @@ def evaluate(model: str, data: str, split: str = "val", limit: int | None = 64, 
                              f"{space.describe()} needs {(space.channels, 8, 8)}")
         return loaded
 
-    src_vae, dst_vae = vae(src), vae(dst)
-    methods = {
-        "interposer": lambda z: net(z.to(dev)),
-        "round trip": lambda z: encode_raw(dst_vae, d, decode_raw(src_vae, s, z))[0],
-        "linear": lambda z: apply_linear(w.to(dev), b.to(dev), z.to(dev), scale),
-    }
+    src_vae = vae(src) if s.decoder else None
+    dst_vae = vae(dst)
+    methods = {"interposer": lambda z: net(z.to(dev))}
+    if s.decoder:
+        methods["round trip"] = lambda z: encode_raw(dst_vae, d, decode_raw(src_vae, s, z))[0]
+    methods["linear"] = lambda z: apply_linear(w.to(dev), b.to(dev), z.to(dev), scale)
     if s.channels == d.channels:
         methods["identity"] = lambda z: resample(z.to(dev), scale)
 
-    acc = {m: dict(l1=0.0, mse=0.0, psnr_tile=[], ssim_tile=[], psnr_target=[], ssim_target=[], de=[], sec=0.0)
-           for m in methods}
+    names = [*methods, "target"] if d.decoder else list(methods)  # target: the dst latent itself, decoded
+    acc = {m: dict(l1=0.0, mse=0.0, psnr_tile=[], ssim_tile=[], psnr_target=[], ssim_target=[], de=[], sec=0.0,
+                   l1_each=[]) for m in names}
     n_el = 0
+    pictures: dict[str, list[np.ndarray]] = {}  # column -> the first grid_tiles images, for the PNG
     bar = tqdm(range(0, len(rows), batch), desc="eval", unit="batch", leave=False)
     with torch.inference_mode():
         for i in bar:
             zs, zt = x[i : i + batch], y[i : i + batch].to(dev)
-            originals = []
-            for r in rows[i : i + batch]:
-                cut = cut_one(r["uri"], r["image_id"], manifest.tile_size, manifest.max_tiles, manifest.min_size,
-                              manifest.max_pixels)
-                indices = json.loads(cut["indices"])
-                tiles = np.frombuffer(cut["pixels"], np.uint8).reshape(len(indices), manifest.tile_size,
-                                                                          manifest.tile_size, 3)
-                originals.append(tiles[indices.index(r["tile_index"])].astype(np.float64) / 255.0)
-            target_images = _to_images(decode_raw(dst_vae, d, zt))
+            originals = [_original(r, manifest) for r in rows[i : i + batch]] if d.decoder else []
+            target_images = _to_images(decode_raw(dst_vae, d, zt)) if d.decoder else []
+            _keep(pictures, "original", originals, grid_tiles)
+            _keep(pictures, f"{dst} VAE", target_images, grid_tiles)
             n_el += zt.numel()
+            for img, orig in zip(target_images, originals):  # the target VAE's own round trip of the tile
+                p1, s1 = image_metrics(img, orig)
+                t = acc["target"]
+                t["psnr_tile"].append(p1), t["ssim_tile"].append(s1), t["de"].append(mean_delta_e(img, orig))
+                t["l1_each"].append(0.0)
             for name, fn in methods.items():
                 if dev.type == "cuda":
                     torch.cuda.synchronize()
@@ -148,7 +164,12 @@ def evaluate(model: str, data: str, split: str = "val", limit: int | None = 64, 
                 a["sec"] += time.perf_counter() - start
                 a["l1"] += (pred - zt).abs().sum().item()
                 a["mse"] += ((pred - zt) ** 2).sum().item()
+                a["l1_each"] += (pred - zt).abs().flatten(1).mean(1).tolist()
+                if not d.decoder:
+                    continue
                 images = _to_images(decode_raw(dst_vae, d, pred))
+                if name != "identity":
+                    _keep(pictures, name, images, grid_tiles)
                 for img, orig, tgt in zip(images, originals, target_images):
                     p1, s1 = image_metrics(img, orig)
                     p2, s2 = image_metrics(img, tgt)
@@ -161,10 +182,56 @@ def evaluate(model: str, data: str, split: str = "val", limit: int | None = 64, 
         out_rows.append(dict(method=name, latent_l1=a["l1"] / n_el, latent_mse=a["mse"] / n_el,
                              psnr_tile=finite(a["psnr_tile"]), ssim_tile=finite(a["ssim_tile"]),
                              psnr_target=finite(a["psnr_target"]), ssim_target=finite(a["ssim_target"]),
-                             delta_e=finite(a["de"]), ms_per_latent=1000 * a["sec"] / len(rows)))
-    return dict(model=str(path), src=src, dst=dst, data=data, split=split, tiles=len(rows),
-                tile_size=manifest.tile_size, device=str(dev), linear_fit_tiles=len(fx),
-                vaes={c: manifest.spaces[c].vae for c in (src, dst)}, rows=out_rows)
+                             delta_e=finite(a["de"]), ms_per_latent=1000 * a["sec"] / len(rows),
+                             psnr_tile_each=[round(v, 3) for v in a["psnr_tile"]],
+                             latent_l1_each=[round(v, 5) for v in a["l1_each"]]))
+    result = dict(model=str(path), src=src, dst=dst, data=data, split=split, tiles=len(rows),
+                  tile_size=manifest.tile_size, device=str(dev), linear_fit_tiles=len(fx),
+                  linear_fit_data="this dataset's train split" if linear_data is None else str(linear_data),
+                  vaes={c: manifest.spaces[c].vae for c in (src, dst)}, rows=out_rows, notes=notes)
+    if grid is not None and pictures.get("original"):
+        write_grid(pictures, grid, f"{src} -> {dst}")
+        result["grid"] = Path(grid).name
+    return result
+
+
+def _original(row: dict, manifest) -> np.ndarray:
+    """The tile's pixels, re-cut from its source image: (T, T, 3) float64 in [0, 1]."""
+    from interposer.pipeline.rows import cut_one  # re-derives the original tile from its source image
+
+    cut = cut_one(row["uri"], row["image_id"], manifest.tile_size, manifest.max_tiles, manifest.min_size,
+                  manifest.max_pixels)
+    indices = json.loads(cut["indices"])
+    tiles = np.frombuffer(cut["pixels"], np.uint8).reshape(len(indices), manifest.tile_size, manifest.tile_size, 3)
+    return tiles[indices.index(row["tile_index"])].astype(np.float64) / 255.0
+
+
+def _keep(pictures: dict, column: str, images, n: int) -> None:
+    have = pictures.setdefault(column, [])
+    have.extend(list(images)[: max(0, n - len(have))])
+
+
+def write_grid(pictures: dict[str, list[np.ndarray]], path: str | Path, title: str = "") -> Path:
+    """A PNG: one row per tile, one column per method (labelled on top), images in [0, 1] side by side."""
+    from PIL import Image, ImageDraw
+
+    columns = [c for c in pictures if pictures[c]]
+    n = min(len(pictures[c]) for c in columns)
+    side = pictures[columns[0]][0].shape[0]
+    pad, label = 4, 16
+    width = len(columns) * (side + pad) + pad
+    canvas = Image.new("RGB", (width, label + n * (side + pad) + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for j, column in enumerate(columns):
+        x0 = pad + j * (side + pad)
+        draw.text((x0, 2), column if j else f"{column} ({title})" if title and side >= 200 else column, fill=(0, 0, 0))
+        for i in range(n):
+            img = (np.clip(pictures[column][i], 0, 1) * 255 + 0.5).astype(np.uint8)
+            canvas.paste(Image.fromarray(img), (x0, label + pad + i * (side + pad)))
+    from interposer.files import atomic_write
+
+    atomic_write(Path(path), lambda p: canvas.save(p, format="PNG"))
+    return Path(path)
 
 
 def format_table(result: dict) -> str:
@@ -172,6 +239,7 @@ def format_table(result: dict) -> str:
            f"{'SSIM tgt':>8} {'ΔE':>6} {'ms/lat':>8}"
     lines = [f"{result['src']} -> {result['dst']}: {result['tiles']} {result['split']} tiles of "
              f"{result['tile_size']} px on {result['device']}", head]
+    lines[1:1] = [f"note: {n}" for n in result.get("notes", [])]
     fmt = lambda v, f: format(v, f) if v is not None else "-"  # noqa: E731
     for r in result["rows"]:
         lines.append(f"{r['method']:<12} {r['latent_l1']:>8.4f} {r['latent_mse']:>8.4f} {fmt(r['psnr_tile'], '9.2f')} "

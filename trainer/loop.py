@@ -19,7 +19,7 @@ from .data import CropStream, PairReader, step_seed
 from .step import build_models, build_optim, train_step, validation_l1
 
 
-def _decoder(cfg: TrainConfig, data: str, device):
+def _decoder(cfg: TrainConfig, data: str, device, trust_remote_code: bool = False):
     """The frozen target-space decoder, for the optional decoded-space loss."""
     from interposer.spaces import get_space
     from interposer.vae import load_vae
@@ -27,7 +27,8 @@ def _decoder(cfg: TrainConfig, data: str, device):
     from interposer.pipeline.schema import read_manifest
 
     entry = read_manifest(data).spaces[cfg.dst]
-    vae = load_vae(get_space(cfg.dst), entry.vae, entry.subfolder, torch.float32, device)
+    vae = load_vae(get_space(cfg.dst), entry.vae, entry.subfolder, torch.float32, device, trust_remote_code,
+                   entry.code)
     return lambda z: vae.decode(z.unsqueeze(2) if get_space(cfg.dst).video else z).sample.squeeze(2) \
         if get_space(cfg.dst).video else vae.decode(z).sample
 
@@ -54,7 +55,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     reader = PairReader(config["data"], cfg.src, cfg.dst, cfg.data.val_fraction)
     stream = CropStream(reader, cfg.data.crop, cfg.data.batch, cfg.seed, rank, world)  # this rank's share, streamed
-    primary, secondary = build_models(cfg)
+    primary, secondary = build_models(cfg, config.get("stats"))
     optims = {"primary": build_optim(cfg, primary)}
     if cfg.uses_secondary:
         optims["secondary"] = build_optim(cfg, secondary)
@@ -83,7 +84,8 @@ def train_loop_per_worker(config: dict) -> None:
     else:
         secondary = secondary.to(device)
     unwrap = lambda m: getattr(m, "module", m)  # noqa: E731
-    decoder = _decoder(cfg, config["data"], device) if cfg.loss.decoded_loss_weight else None
+    decoder = _decoder(cfg, config["data"], device, config.get("trust_remote_code", False)) \
+        if cfg.loss.decoded_loss_weight else None
 
     # whether a step evaluates must be decided the same on every rank: it decides a collective below
     has_val = config.get("has_val", bool(cfg.data.val_fraction))

@@ -19,9 +19,11 @@ import shutil
 from pathlib import Path
 
 from interposer import load_interposer, save_released
+from interposer.weights import is_v4
 from interposer.spaces import get_space
 
 EVAL_FILE = "eval.json"
+GRID_FILE = "eval.png"  # eval's picture beside eval.json
 
 
 def find_export(model: str | Path) -> tuple[Path, Path | None]:
@@ -97,7 +99,7 @@ def model_card(config: dict, repo: str, rev: str, evaluation: dict | None, run_r
         dataset = (f"{c.get('tiles', '?')} tiles of {manifest['tile_size']} px from {c.get('images_ok', '?')} images; "
                    f"spaces:\n{spaces}")
     released = f"{src}-to-{dst}_interposer-{rev}.safetensors"
-    v4 = (config["ch_mid"], config["blocks"]) == (64, 12)  # only then is the released layout staged
+    v4 = config.get("architecture", "interposer-v4") == "interposer-v4" and (config["ch_mid"], config["blocks"]) == (64, 12)
     command = (f"interposer convert in.latent out.latent --src {src} --dst {dst} --weights {rev}/{released}" if v4
                else f"interposer convert in.latent out.latent --src {src} --dst {dst} --weights THIS_REPO_FOLDER")
     comfy = (f"ComfyUI: put `{released}` (folder `{rev}/` here) into `ComfyUI/models/interposers/` and use the\n"
@@ -112,7 +114,7 @@ def model_card(config: dict, repo: str, rev: str, evaluation: dict | None, run_r
 
 Converts **raw** {s.family} VAE latents `(B, {s.channels}, H/{s.factor}, W/{s.factor})` into raw {d.family} latents
 `(B, {d.channels}, H/{d.factor}, W/{d.factor})` without decoding to pixels: a small CNN
-({config['ch_mid']} wide, {config['blocks']} blocks) instead of a VAE round trip.
+({config.get('architecture', 'interposer-v4')}, {config['ch_mid']} wide, {config['blocks']} blocks) instead of a VAE round trip.
 
 ## Use
 
@@ -134,7 +136,7 @@ hf download {repo} --local-dir THIS_REPO_FOLDER
 ## Evaluation
 
 {_eval_table(evaluation or {})}
-
+{_grid_line(evaluation)}
 ## Training
 
 {training}
@@ -143,6 +145,13 @@ hf download {repo} --local-dir THIS_REPO_FOLDER
 
 {dataset}
 """
+
+
+def _grid_line(evaluation: dict | None) -> str:
+    if not (evaluation or {}).get("grid"):
+        return ""
+    return (f"\n![original, VAE, round trip, interposer, linear]({GRID_FILE})\n\nEach row a held-out tile: the "
+            "original, then each method's latent decoded by the target VAE.\n")
 
 
 def stage(model: str | Path, repo: str, rev: str, folder: Path) -> list[Path]:
@@ -159,7 +168,7 @@ def stage(model: str | Path, repo: str, rev: str, folder: Path) -> list[Path]:
         manifest = json.loads(Path(data, "manifest.json").read_text())
     shutil.copy(export / "model.safetensors", folder / "model.safetensors")
     (folder / "config.json").write_text(json.dumps(public_config(config, manifest), indent=2) + "\n")
-    if (net.ch_mid, net.blocks) == (64, 12):  # city96's v4.0 loaders assume this size: only then this layout
+    if is_v4(net):  # city96's v4.0 loaders assume this network and size: only then this layout
         (folder / rev).mkdir(exist_ok=True)
         save_released(net, folder / rev / f"{config['src']}-to-{config['dst']}_interposer-{rev}.safetensors")
     evaluation = None
@@ -168,6 +177,9 @@ def stage(model: str | Path, repo: str, rev: str, folder: Path) -> list[Path]:
             evaluation = json.loads(candidate.read_text())
             public = {k: v for k, v in evaluation.items() if k not in ("model", "data")}  # local paths
             (folder / EVAL_FILE).write_text(json.dumps(public, indent=2) + "\n")
+            picture = candidate.with_name(GRID_FILE)
+            if evaluation.get("grid") and picture.is_file():  # the picture people judge colour shift by
+                shutil.copy(picture, folder / GRID_FILE)
             break
     (folder / "README.md").write_text(model_card(config, repo, rev, evaluation, record, manifest))
     return sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file())

@@ -20,16 +20,37 @@ import torch
 import torch.nn.functional as F
 
 from interposer.model import InterposerModel
+from interposer.weights import network_class
 
 from .config import TrainConfig
 
 
-def build_models(cfg: TrainConfig) -> tuple[InterposerModel, InterposerModel]:
+def latent_stats(src, dst) -> dict:
+    """Per-channel mean and std of (N, C, h, w) src and dst latents: the shuffle network's normalisation."""
+    m = lambda x: x.double().mean(dim=(0, 2, 3))  # noqa: E731
+    sd = lambda x: x.double().std(dim=(0, 2, 3)).clamp_min(1e-3)  # noqa: E731
+    return dict(in_mean=m(src).tolist(), in_std=sd(src).tolist(), out_mean=m(dst).tolist(), out_std=sd(dst).tolist())
+
+
+def network(cfg: TrainConfig, reverse: bool = False, stats: dict | None = None):
+    """The configured network for src -> dst (reverse: dst -> src); `stats` (latent_stats of the train split)
+    normalise the shuffle network (v4 has none)."""
+    cls = network_class(cfg.architecture)
+    if cls is InterposerModel:
+        return cls(**cfg.model_args(reverse))
+    stats = dict(stats or {})
+    if reverse and stats:
+        stats = dict(in_mean=stats["out_mean"], in_std=stats["out_std"], out_mean=stats["in_mean"],
+                     out_std=stats["in_std"])
+    return cls(**cfg.model_args(reverse), **stats)
+
+
+def build_models(cfg: TrainConfig, stats: dict | None = None):
     """(primary src->dst, secondary dst->src), initialised as in v4.0 from cfg.seed."""
     g = torch.Generator().manual_seed(cfg.seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)  # conv biases keep torch's default init, drawn from the global RNG
-        primary, secondary = InterposerModel(**cfg.model_args()), InterposerModel(**cfg.model_args(reverse=True))
+        primary, secondary = network(cfg, False, stats), network(cfg, True, stats)
     primary.init_weights(g)
     secondary.init_weights(g)
     return primary, secondary
