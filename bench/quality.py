@@ -6,7 +6,8 @@
 `--vaes` is a folder holding `taef2/` (Flux.2's latent space, with a decoder) and `taesana/` (Sana's DC-AE
 space, /32, encoder only): VAEs with their own code, loaded with --trust-remote-code. Photos are the real ones
 scikit-image ships (nothing of them is in git). Three of them (chelsea, coffee, rocket) are held out: never
-trained on, they are the test set. The others are cut into 256 px crops at three scales, plain and mirrored.
+trained on, they are the test set (crops at two scales). The others are cut into 256 px crops at four scales,
+plain and mirrored, the colour ones also with their RGB channels rotated (more colours to learn from).
 
 Stages, each the `interposer` command a user runs (in this process, through its `main`):
     data build   train crops and test crops -> two datasets, both VAEs (fx2 = taef2, sana = taesana)
@@ -55,7 +56,9 @@ def crops(image: np.ndarray, scales: tuple[float, ...], stride: int, mirror: boo
     return out
 
 
-def write_photos(folder: Path, names: tuple[str, ...], scales, stride: int, mirror: bool) -> int:
+def write_photos(folder: Path, names: tuple[str, ...], scales, stride: int, mirror: bool, recolour: bool) -> int:
+    """Crops of the photos as PNG files, one image a crop. `recolour`: colour photos also with their RGB channels
+    rotated (GBR, BRG): half of scikit-image's photos are grey, and colour is what a conversion gets wrong."""
     import skimage
     from PIL import Image
 
@@ -63,10 +66,13 @@ def write_photos(folder: Path, names: tuple[str, ...], scales, stride: int, mirr
     data = Path(skimage.__file__).parent / "data"
     n = 0
     for name in names:
-        image = np.asarray(Image.open(data / name).convert("RGB"))
-        for i, tile in enumerate(crops(image, scales, stride, mirror)):
-            Image.fromarray(np.ascontiguousarray(tile)).save(folder / f"{Path(name).stem}-{i:03d}.png")
-            n += 1
+        photo = Image.open(data / name)
+        image = np.asarray(photo.convert("RGB"))
+        variants = [image] + ([image[..., [1, 2, 0]], image[..., [2, 0, 1]]] if recolour and photo.mode == "RGB" else [])
+        for v, im in enumerate(variants):
+            for i, tile in enumerate(crops(im, scales, stride, mirror)):
+                Image.fromarray(np.ascontiguousarray(tile)).save(folder / f"{Path(name).stem}-{v}-{i:03d}.png")
+                n += 1
     return n
 
 
@@ -99,11 +105,11 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     times = {}
     spaces = ["--space", f"fx2={vaes / 'taef2'}", "--space", f"sana={vaes / 'taesana'}", "--trust-remote-code"]
-    for split, names, scales, stride, mirror in (("train", TRAIN_PHOTOS, (1.0, 0.7, 0.5), 192, True),
-                                                 ("test", TEST_PHOTOS, (1.0, 0.75), 96, False)):
+    for split, names, scales, stride, train in (("train", TRAIN_PHOTOS, (1.0, 0.75, 0.55, 0.4), 128, True),
+                                                ("test", TEST_PHOTOS, (1.0, 0.75), 96, False)):
         data = work / f"data-{split}"
         if not (data / "manifest.json").is_file():
-            n = write_photos(work / f"photos-{split}", names, scales, stride, mirror)
+            n = write_photos(work / f"photos-{split}", names, scales, stride, mirror=train, recolour=train)
             print(f"{split}: {n} crops of {TILE} px from {len(names)} photos")
         times[f"build {split}"] = cli("data", "build", "--images", str(work / f"photos-{split}"), *spaces,
                                       "--tile-size", str(TILE), "--max-tiles", "1", "--out", str(data), "--quiet")
@@ -135,7 +141,7 @@ def report(results: dict, times: dict) -> None:
     print(f"| fx2 → sana | latent L1 ({to_sana['tiles']} held-out tiles) | {rt['latent_l1']:.3f} | "
           f"{lin['latent_l1']:.3f} | **{net['latent_l1']:.3f}** ({net['latent_l1'] / rt['latent_l1']:.2f}× round trip) "
           f"| {_beats(net, lin, 'l1')} |")
-    lin, net, own = (row(to_fx2, m) for m in ("linear", "interposer", "target"))
+    lin, net, own = row(to_fx2, "linear"), row(to_fx2, "interposer"), to_fx2["target_vae"]
     print(f"| sana → fx2 | decoded PSNR vs photo, dB ({to_fx2['tiles']} held-out tiles; taef2's own round trip "
           f"{own['psnr_tile']:.2f}) | n/a (no sana decoder) | {lin['psnr_tile']:.2f} | **{net['psnr_tile']:.2f}** "
           f"({net['psnr_tile'] - lin['psnr_tile']:+.2f} dB) | {_beats(net, lin, 'psnr')} |")

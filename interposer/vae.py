@@ -55,7 +55,11 @@ def source_kind(source: str, subfolder: str | None = None) -> SourceKind:
     """What kind of VAE source this is (reads config.json of folders and Hub repos)."""
     if is_single_file(source):
         return "single_file"
-    return "remote_code" if _vae_config(source, subfolder).get("auto_map") else "diffusers"
+    try:
+        config = _vae_config(source, subfolder)
+    except ValueError:  # no readable config.json: the diffusers loader says what is missing, in its words
+        return "diffusers"
+    return "remote_code" if config.get("auto_map") else "diffusers"
 
 
 def _source_file(source: str, subfolder: str | None, name: str) -> Path:
@@ -70,7 +74,7 @@ def _source_file(source: str, subfolder: str | None, name: str) -> Path:
 def code_hashes(source: str, subfolder: str | None = None) -> dict[str, str] | None:
     """{code file: "sha256:..."} of a VAE that ships its own modelling code (the files its config.json's
     `auto_map` names), else None. What a dataset records, so that changed code is noticed."""
-    if is_single_file(source):
+    if source_kind(source, subfolder) != "remote_code":
         return None
     auto = _vae_config(source, subfolder).get("auto_map")
     if not auto:

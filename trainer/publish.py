@@ -114,7 +114,7 @@ def model_card(config: dict, repo: str, rev: str, evaluation: dict | None, run_r
 
 Converts **raw** {s.family} VAE latents `(B, {s.channels}, H/{s.factor}, W/{s.factor})` into raw {d.family} latents
 `(B, {d.channels}, H/{d.factor}, W/{d.factor})` without decoding to pixels: a small CNN
-({config.get('architecture', 'interposer-v4')}, {config['ch_mid']} wide, {config['blocks']} blocks) instead of a VAE round trip.
+({config['ch_mid']} wide, {config['blocks']} blocks) instead of a VAE round trip{_network_line(config)}.
 
 ## Use
 
@@ -145,6 +145,13 @@ hf download {repo} --local-dir THIS_REPO_FOLDER
 
 {dataset}
 """
+
+
+def _network_line(config: dict) -> str:
+    if config.get("architecture", "interposer-v4") == "interposer-v4":
+        return ""
+    return (f"; network `{config['architecture']}`: pixel (un)shuffle resampling by {config['scale']:g}, normalised "
+            "per channel, with a linear path")
 
 
 def _grid_line(evaluation: dict | None) -> str:

@@ -52,6 +52,16 @@ def test_eval_rows_and_eval_json(reference, dataset, tmp_path):
     assert cli.returncode == 0, cli.stderr
     assert "round trip" in cli.stdout and "linear" in cli.stdout
     assert json.loads(out.read_text())["tiles"] == 4
+    # the picture beside eval.json: a row per tile (4), a column each for the original, the target VAE's own
+    # decode, the interposer, the round trip and the linear map, 64 px tiles
+    from PIL import Image
+
+    assert json.loads(out.read_text())["grid"] == "eval.png" and "eval.png" in cli.stdout
+    with Image.open(tmp_path / "eval.png") as grid:
+        assert grid.format == "PNG" and grid.size == (5 * 68 + 4, 16 + 4 * 68 + 4)
+        cells = np.asarray(grid.convert("RGB"))
+    first, linear = cells[20:84, 4:68], cells[20:84, 4 + 4 * 68 : 68 + 4 * 68]  # original tile, linear map's
+    assert first.std() > 10 and linear.std() > 1 and not np.array_equal(first, linear)
     # --split val without --val-fraction: the run's own share (0.2 in TINY), recorded in its export
     from interposer.trainer.data import PairReader
 
@@ -112,6 +122,19 @@ def test_staging_folder_holds_exactly_what_is_pushed(v4_run, tmp_path):
             text = f.read_text()
             assert str(tmp_path.parent) not in text and "/tmp/" not in text, (f.name, text[:500])
     assert "a local VAE folder (weights sha256:" in card
+
+
+def test_the_eval_picture_is_published_in_the_card(v4_run, tmp_path):
+    from PIL import Image
+
+    export = v4_run / "export"
+    Image.new("RGB", (40, 20), (200, 10, 10)).save(export / "eval.png")
+    ev = json.loads((export / "eval.json").read_text())
+    (export / "eval.json").write_text(json.dumps(dict(ev, grid="eval.png")))
+    files = stage(v4_run, "me/xl-to-v1", "v5.0", tmp_path / "stage")
+    assert "eval.png" in [str(f) for f in files]
+    assert (tmp_path / "stage" / "eval.png").read_bytes() == (export / "eval.png").read_bytes()
+    assert "![original, VAE, round trip, interposer, linear](eval.png)" in (tmp_path / "stage" / "README.md").read_text()
 
 
 def test_a_model_of_another_width_is_published_without_released_layout_claims(dataset, tmp_path):
