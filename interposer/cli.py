@@ -35,6 +35,28 @@ class UsageError(Exception):
     """A mistake in what the user asked for: reported in one line, exit status 2."""
 
 
+def check_device(name: str, flag: str = "--device") -> "torch.device":
+    """The torch device a --device flag names, if this machine has it; UsageError (one line) otherwise. Every
+    command with a --device flag checks it here, before any work."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"{flag} {name!r} is not a device; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"{flag} {name}: no CUDA GPU is available here (this torch: {torch.__version__}); "
+                             f"use {flag} cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"{flag} {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    elif device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UsageError(f"{flag} {name}: MPS is not available here; use {flag} cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"{flag} {name!r}: use cpu, cuda, cuda:N or mps")
+    return device
+
+
 def _space(name: str, flag: str) -> str:
     try:
         return get_space(name).code
@@ -82,12 +104,7 @@ def _cmd_convert(args) -> int:
         raise UsageError(f"{args.output.parent}: output folder does not exist")
     if args.output.resolve() == args.input.resolve():
         raise UsageError(f"{args.output}: is the input file; write the result to another path")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise UsageError(f"--device {args.device!r} is not a device; use cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA GPU is available here; use --device cpu")
+    device = check_device(args.device)
     latent = read_latent(args.input)
     if not latent.is_floating_point():
         raise UsageError(f"{args.input}: latents must be floating point, got {latent.dtype}")
@@ -212,7 +229,15 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
     warnings.formatwarning = lambda message, *_a, **_k: f"{parser.prog}: warning: {message}\n"
     where = _where(parser, args)
     try:
-        return args.func(args)
+        rc = args.func(args)
+        sys.stdout.flush()  # here, not at exit: a reader that went away (`| head`) is handled below
+        return rc
+    except KeyboardInterrupt:  # Ctrl-C: every file is written whole (atomically), and the finally blocks end Ray
+        print(f"\n{where}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # the reader of our output went away: end quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for `ls | head -1`'s ls
     except (UsageError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
             WeightsNotFoundError) as e:
         print(f"{where}: error: {e}", file=sys.stderr)

@@ -28,10 +28,14 @@ def start_ray(log_to_driver: bool = False) -> bool:
     Local Ray runs its workers at this command's own priority: Ray's default renices every worker to 15,
     which starves an encoder or trainer beside any other work on a desktop (and makes `nice` meaningless).
     Set RAY_worker_niceness yourself to keep Ray's default."""
+    import sys
+
     import ray
 
     if ray.is_initialized():
         return False
+    if not (sys.stdout.isatty() and sys.stderr.isatty()):  # no colour codes in a file or a pipe
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     if os.environ.get("RAY_ADDRESS"):
         ray.init(logging_level="warning", log_to_driver=log_to_driver)
     else:

@@ -64,7 +64,9 @@ def local_spaces() -> list[str]:
                     found += [get_space(c).code for c in named.groups()]
             except (ValueError, OSError):
                 continue
-            codes += [c for c in found if c not in _CODES and c not in codes]
+            for c in found:  # one entry a code, however many places name it (config.json and the folder name)
+                if c not in _CODES and c not in codes:
+                    codes.append(c)
     return codes
 
 

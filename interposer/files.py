@@ -22,9 +22,11 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
         raise FileNotFoundError(f"{path.parent}: output folder does not exist")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600: give what a plain open() would, others may read it
     try:
         write(tmp)
+        # mkstemp makes 0600 (and some writers replace the file): give what a plain open() would, so that other
+        # accounts (a shared volume, ComfyUI as another user) may read it
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

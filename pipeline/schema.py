@@ -232,7 +232,11 @@ class DatasetFiles:
             return f.read()
 
     def read_table(self, rel: str, columns: list[str] | None = None) -> pa.Table:
-        return pq.read_table(pa.BufferReader(self.read_bytes(rel)), columns=columns)
+        # Through Arrow's own file, never a buffer over Python bytes: Arrow's pool threads would release such a
+        # buffer (taking the GIL) even while the interpreter exits, which aborts the process ("terminate called
+        # without an active exception", exit 134).
+        with self.fs.open_input_file(self.path(rel)) as f:
+            return pq.ParquetFile(f).read(columns=columns)
 
     def parquet_file(self, rel: str) -> pq.ParquetFile:
         """An open Parquet file: its footer is read, its row groups are read on demand."""

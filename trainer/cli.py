@@ -112,6 +112,13 @@ def _cmd_eval(args) -> int:
     from .evaluate import evaluate, format_table
     from .publish import EVAL_FILE, find_export
 
+    from interposer.cli import check_device
+
+    check_device(args.device)
+    if args.limit < 0:
+        raise ValueError(f"--limit {args.limit}: give a number of tiles, or 0 for all")
+    if args.val_fraction is not None and not 0 <= args.val_fraction < 1:
+        raise ValueError(f"--val-fraction {args.val_fraction}: a share of images in [0, 1), e.g. 0.02")
     model = Path(args.model)
     if model.is_dir():
         model, _ = find_export(model)
@@ -124,14 +131,18 @@ def _cmd_eval(args) -> int:
             raise ValueError(f"--vae {item!r}: expected CODE=SOURCE")
         vaes[get_space(code).code] = source
     val_fraction = args.val_fraction
+    config = model / "config.json" if model.is_dir() else None
     if val_fraction is None:  # the share the run held out, so that "val" means the tiles it never trained on
-        config = model / "config.json" if model.is_dir() else None
         val_fraction = json.loads(config.read_text()).get("val_fraction") if config and config.is_file() else None
         if val_fraction is None:
             val_fraction = 0.02
         else:
             print(f"validation share {val_fraction} (the run's own, from {config})")
     out = Path(args.out) if args.out else (model / EVAL_FILE if model.is_dir() else Path(EVAL_FILE))
+    trained_on = json.loads(config.read_text()).get("data") if config and config.is_file() else None
+    if args.split != "val" and trained_on and Path(trained_on).resolve() == Path(args.data).resolve():
+        print(f"note: --split {args.split} on the dataset the model was trained on: its training images are "
+              "evaluated too, so the figures are optimistic")
     result = evaluate(str(model), args.data, split=args.split, limit=args.limit or None, device=args.device,
                       val_fraction=val_fraction, src=args.src, dst=args.dst, vaes=vaes,
                       trust_remote_code=args.trust_remote_code, grid=out.with_suffix(".png"),

@@ -124,6 +124,10 @@ class PairReader:
         """The first `limit` tiles of a split, joined into one ShardTiles (validation, evaluation)."""
         parts = list(self.iter_split(split, limit))
         if not parts:
+            if split == "val" and not self.val_fraction:
+                raise ValueError(f"--data {self.data}: no validation tiles (validation share 0: the run held out no "
+                                 "image); pass --split all to evaluate on its training images (figures will be "
+                                 "optimistic), or evaluate on another dataset")
             raise ValueError(f"--data {self.data}: no {split} tiles with both {self.src} and {self.dst} latents "
                              f"(validation is {self.val_fraction:.0%} of images by id)")
         return ShardTiles(pa.concat_tables([p.rows for p in parts]), np.concatenate([p.src for p in parts]),

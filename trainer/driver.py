@@ -58,6 +58,10 @@ class RunSpec:
     trust_remote_code: bool = False  # a decoded loss may load a target VAE that runs its own code
 
     def __post_init__(self):
+        name = self.name
+        if not name or name != name.strip() or "/" in name or "\\" in name or name.startswith(".") or "\0" in name:
+            raise ValueError(f"--name {name!r}: a run name is a name, not a path: no '/', no leading '.', not empty "
+                             "(the run lives in --out/NAME)")
         # workers run elsewhere (another folder, another node): local paths travel absolute
         if "://" not in self.data:
             self.data = os.path.abspath(os.path.expanduser(self.data))
@@ -119,6 +123,8 @@ def _check_data(cfg: TrainConfig, data: str, manifest) -> bool:
                 found[is_validation(r["image_id"], cfg.data.val_fraction)] = True
         if all(found.values()):
             break
+    if not images:
+        raise ValueError(f"--data {data} holds no tiles (its build kept no image); rebuild it from other images")
     if not found[False]:
         raise ValueError(f"--val-fraction {cfg.data.val_fraction} holds out every image of {data} ({images}); "
                          "pass a smaller --val-fraction")
@@ -183,7 +189,7 @@ def train(cfg: TrainConfig, spec: RunSpec) -> Path | str:
     # Ray Train v2 otherwise also routes every worker print through a logger: each progress line twice
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from interposer.cluster import start_ray
@@ -205,7 +211,10 @@ def train(cfg: TrainConfig, spec: RunSpec) -> Path | str:
                                          resources_per_worker=request),
             run_config=RunConfig(name=spec.name, storage_path=storage,
                                  failure_config=FailureConfig(max_failures=cfg.resources.max_failures),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep)),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
+                                 # Ray Train's own lines (each checkpoint, each report, state-API retries every
+                                 # second) stay in its log files; our progress and errors still print
+                                 logging_config=LoggingConfig(log_level="ERROR")),
         )
         start = time.perf_counter()
         result = trainer.fit()

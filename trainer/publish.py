@@ -154,6 +154,12 @@ def _network_line(config: dict) -> str:
             "per channel, with a linear path")
 
 
+def _network_error(e: BaseException) -> bool:
+    """A transport failure of whichever HTTP client huggingface_hub uses (httpx, its forks, requests)."""
+    return isinstance(e, OSError) or any(c.__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "requests",
+                                                                         "urllib3") for c in type(e).__mro__)
+
+
 def _grid_line(evaluation: dict | None) -> str:
     if not (evaluation or {}).get("grid"):
         return ""
@@ -220,10 +226,28 @@ def publish(model: str | Path, repo: str, rev: str = "v5.0", private: bool = Fal
         if dry_run:
             return listing
         from huggingface_hub import CommitOperationAdd, HfApi
+        from huggingface_hub.errors import HfHubHTTPError
 
+        from interposer.weights import HubUnreachableError, check_hub
+
+        check_hub(f"nothing was pushed; publish again when {repo} can be reached", endpoint)
         api = HfApi(endpoint=endpoint, token=token)
-        api.create_repo(repo, private=private, exist_ok=True)
         ops = [CommitOperationAdd(path_in_repo=str(p), path_or_fileobj=str(folder / p)) for p in files]
-        info = api.create_commit(repo, operations=ops, commit_message=f"Publish {repo} {rev} (latent-interposer)")
+        try:
+            api.create_repo(repo, private=private, exist_ok=True)
+            info = api.create_commit(repo, operations=ops, commit_message=f"Publish {repo} {rev} (latent-interposer)")
+        except HfHubHTTPError as e:
+            status = getattr(e.response, "status_code", None)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if status in (401, 403):
+                raise PermissionError(f"the Hub refused the token for {repo} ({status}): check HF_TOKEN or "
+                                      "`hf auth login`, and that it may write to this repo") from None
+            raise HubUnreachableError(f"the Hub answered {status} for {repo}: {first}; nothing was committed") from None
+        except Exception as e:
+            if not _network_error(e):
+                raise
+            # the network, mid-way: a machine fault, one line
+            raise HubUnreachableError(f"lost the Hugging Face Hub while pushing to {repo} ({type(e).__name__}); "
+                                      "nothing was committed: publish again") from None
         print(f"[publish] one commit {getattr(info, 'oid', '')}: {getattr(info, 'commit_url', repo)}")
         return listing

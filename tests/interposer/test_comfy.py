@@ -104,3 +104,16 @@ def test_choices_and_the_missing_weights_message_speak_comfyui(isolated_home, tm
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["ComfyUI", "interposer-home", "interposers", "models"]
     (models / "interposers" / "v1-to-wan").mkdir()  # a local model for another space: then it is offered
     assert LatentInterposer.INPUT_TYPES()["required"]["latent_dst"][0][-1] == "wan"
+
+
+def test_a_local_model_puts_its_space_in_the_lists_once(isolated_home, tmp_path, monkeypatch):
+    """Its code comes from both its folder name and its config.json: offered once (ComfyUI showed it twice)."""
+    import types
+
+    from interposer import InterposerModel, save_interposer
+
+    models = tmp_path / "ComfyUI" / "models"
+    monkeypatch.setitem(__import__("sys").modules, "folder_paths", types.SimpleNamespace(models_dir=str(models)))
+    save_interposer(InterposerModel(4, 16, 8, 1), models / "interposers" / "v1-to-wan", "v1", "wan")
+    inputs = LatentInterposer.INPUT_TYPES()["required"]
+    assert inputs["latent_src"][0] == inputs["latent_dst"][0] == ["v1", "xl", "v3", "fx", "ca", "wan"]

@@ -206,9 +206,13 @@ def test_out_that_is_a_file_is_refused_and_a_build_with_no_tiles_fails(sources, 
     result = run("-m", "interposer", "data", "build", "--images", str(sources), "--space", f"v1={vaes['v1']}",
                  "--out", str(tmp_path / "empty"), "--tile-size", "64", "--min-size", "100000",
                  "--gpus-per-worker", "0", env={"RAY_ADDRESS": ray_session.get_runtime_context().gcs_address})
-    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
-    last = result.stderr.strip().splitlines()[-1]
-    assert re.search(r"error: no tiles in .*empty \(\d+ files listed; skipped: .*too_small \d+", last), last
+    # nothing usable was made: the input was the user's (exit 2), one line naming skipped files and why, no dataset
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    last = result.stderr.strip()
+    assert re.search(r"error: no tiles from \d+ listed files \(skipped: .*too_small \d+; e\.g\. .*\.\w+ \(too_small\)",
+                     last), last
+    assert "nothing was kept in" in last and not (tmp_path / "empty").exists()
 
 
 def test_a_failed_write_on_a_worker_names_the_file_leaves_nothing_half_written_and_a_rerun_recovers(
