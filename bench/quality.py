@@ -94,7 +94,8 @@ def main() -> None:
     parser.add_argument("--work", default="bench-quality", help="folder for photos, datasets, runs (default ./bench-quality)")
     parser.add_argument("--steps", type=int, default=600, help="training steps per direction (default 600)")
     parser.add_argument("--batch", type=int, default=16, help="batch of whole 256 px tiles (default 16)")
-    parser.add_argument("--arch", default=None, help="network (default: the pair's default); e.g. v4")
+    parser.add_argument("--arch", default="auto",
+                        help="networks to train, comma-separated: auto (the pair's default), v4, shuffle (default auto)")
     parser.add_argument("--extra", default="", help="more `interposer train` flags, quoted (e.g. '--lr 1e-3')")
     parser.add_argument("--tag", default="", help="suffix of the run names, to keep variants side by side")
     args = parser.parse_args()
@@ -103,6 +104,7 @@ def main() -> None:
         if not (vaes / sub / "config.json").is_file():
             sys.exit(f"--vaes {vaes}: no {sub}/config.json there")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ["QUALITY_WORK"] = str(work)
     times = {}
     spaces = ["--space", f"fx2={vaes / 'taef2'}", "--space", f"sana={vaes / 'taesana'}", "--trust-remote-code"]
     for split, names, scales, stride, train in (("train", TRAIN_PHOTOS, (1.0, 0.75, 0.55, 0.4), 128, True),
@@ -113,49 +115,91 @@ def main() -> None:
             print(f"{split}: {n} crops of {TILE} px from {len(names)} photos")
         times[f"build {split}"] = cli("data", "build", "--images", str(work / f"photos-{split}"), *spaces,
                                       "--tile-size", str(TILE), "--max-tiles", "1", "--out", str(data), "--quiet")
-    results = {}
-    for src, dst in (("fx2", "sana"), ("sana", "fx2")):
-        name = f"{src}-{dst}{args.tag}"
-        crop = TILE // (8 if src == "fx2" else 32)
-        flags = ["--arch", args.arch] if args.arch else []
-        times[f"train {src}->{dst}"] = cli(
-            "train", "--data", str(work / "data-train"), "--src", src, "--dst", dst, "--out", str(work / "runs"),
-            "--name", name, "--steps", str(args.steps), "--batch", str(args.batch), "--crop", str(crop),
-            "--val-fraction", "0", "--checkpoint-every", str(args.steps), "--eval-every", str(args.steps),
-            *flags, *args.extra.split())
-        times[f"eval {src}->{dst}"] = cli(
-            "eval", "--model", str(work / "runs" / name), "--data", str(work / "data-test"), "--split", "all",
-            "--limit", "0", "--linear-data", str(work / "data-train"), "--trust-remote-code")
-        results[(src, dst)] = json.loads((work / "runs" / name / "export" / "eval.json").read_text())
-    report(results, times)
+    results, arches = {}, args.arch.split(",")
+    for arch in arches:
+        for src, dst in (("fx2", "sana"), ("sana", "fx2")):
+            name = f"{src}-{dst}-{arch}{args.tag}"
+            crop = TILE // (8 if src == "fx2" else 32)
+            times[f"train {src}->{dst} {arch}"] = cli(
+                "train", "--data", str(work / "data-train"), "--src", src, "--dst", dst, "--out", str(work / "runs"),
+                "--name", name, "--steps", str(args.steps), "--batch", str(args.batch), "--crop", str(crop),
+                "--fconst", "0", "--val-fraction", "0", "--checkpoint-every", str(args.steps), "--eval-every",
+                str(args.steps), *(["--arch", arch] if arch != "auto" else []),
+                *args.extra.split())
+            times[f"eval {src}->{dst} {arch}"] = cli(
+                "eval", "--model", str(work / "runs" / name), "--data", str(work / "data-test"), "--split", "all",
+                "--limit", "0", "--linear-data", str(work / "data-train"), "--trust-remote-code")
+            results[(src, dst, arch)] = json.loads((work / "runs" / name / "export" / "eval.json").read_text())
+    costs = {(src, dst): step_cost(src, dst) for src, dst in (("fx2", "sana"), ("sana", "fx2"))}
+    report(results, arches, costs, times)
 
 
-def report(results: dict, times: dict) -> None:
+def step_cost(src: str, dst: str, batch: int = 16, rounds: int = 5) -> dict:
+    """CPU seconds of one training step (forward, backward, AdamW) of the pair's default network and of v4's
+    64x12, on whole 256 px tiles, alternating in rounds; the median of each."""
+    import statistics
+
+    import torch
+
+    from interposer.pipeline.schema import read_manifest
+    from interposer.trainer.config import TrainConfig
+    from interposer.trainer.step import build_models
+
+    read_manifest(str(Path(os.environ["QUALITY_WORK"]) / "data-train"))  # registers sana
+    x = torch.randn(batch, 32, TILE // (8 if src == "fx2" else 32), TILE // (8 if src == "fx2" else 32))
+    nets = {}
+    for arch in ("auto", "v4"):
+        cfg = TrainConfig.of(src=src, dst=dst, arch=arch, crop=x.shape[-1])
+        net = build_models(cfg)[0].train()
+        nets[cfg.model.arch] = (net, torch.optim.AdamW(net.parameters(), lr=1e-4))
+    y = nets["v4"][0](x).detach()
+    times = {k: [] for k in nets}
+    for _ in range(rounds):
+        for k, (net, opt) in nets.items():
+            start = time.perf_counter()
+            for _ in range(3):
+                opt.zero_grad()
+                torch.nn.functional.l1_loss(net(x), y).backward()
+                opt.step()
+            times[k].append((time.perf_counter() - start) / 3)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def report(results: dict, arches: list[str], costs: dict, times: dict) -> None:
     def row(result, method):
         return next((r for r in result["rows"] if r["method"] == method), None)
 
-    print("\n| pair | metric | VAE round trip | linear map | interposer | interposer beats linear on |")
-    print("|---|---|---|---|---|---|")
-    to_sana, to_fx2 = results[("fx2", "sana")], results[("sana", "fx2")]
-    rt, lin, net = (row(to_sana, m) for m in ("round trip", "linear", "interposer"))
-    print(f"| fx2 → sana | latent L1 ({to_sana['tiles']} held-out tiles) | {rt['latent_l1']:.3f} | "
-          f"{lin['latent_l1']:.3f} | **{net['latent_l1']:.3f}** ({net['latent_l1'] / rt['latent_l1']:.2f}× round trip) "
-          f"| {_beats(net, lin, 'l1')} |")
-    lin, net, own = row(to_fx2, "linear"), row(to_fx2, "interposer"), to_fx2["target_vae"]
-    print(f"| sana → fx2 | decoded PSNR vs photo, dB ({to_fx2['tiles']} held-out tiles; taef2's own round trip "
-          f"{own['psnr_tile']:.2f}) | n/a (no sana decoder) | {lin['psnr_tile']:.2f} | **{net['psnr_tile']:.2f}** "
-          f"({net['psnr_tile'] - lin['psnr_tile']:+.2f} dB) | {_beats(net, lin, 'psnr')} |")
+    print("\n| pair | network | metric | VAE round trip | linear map | interposer | beats linear on (tiles; photos) |")
+    print("|---|---|---|---|---|---|---|")
+    for arch in arches:
+        to_sana, to_fx2 = results[("fx2", "sana", arch)], results[("sana", "fx2", arch)]
+        rt, lin, net = (row(to_sana, m) for m in ("round trip", "linear", "interposer"))
+        print(f"| fx2 → sana | {arch} | latent L1 ({to_sana['tiles']} held-out tiles) | {rt['latent_l1']:.3f} | "
+              f"{lin['latent_l1']:.3f} | **{net['latent_l1']:.3f}** ({net['latent_l1'] / rt['latent_l1']:.2f}× the "
+              f"round trip) | {_beats(to_sana, net, lin, 'latent_l1_each', lower=True)} |")
+        lin, net, own = row(to_fx2, "linear"), row(to_fx2, "interposer"), to_fx2["target_vae"]
+        print(f"| sana → fx2 | {arch} | decoded PSNR vs the photo, dB ({to_fx2['tiles']} held-out tiles; taef2's own "
+              f"round trip {own['psnr_tile']:.2f}) | n/a (no sana decoder) | {lin['psnr_tile']:.2f} | "
+              f"**{net['psnr_tile']:.2f}** ({net['psnr_tile'] - lin['psnr_tile']:+.2f} dB) | "
+              f"{_beats(to_fx2, net, lin, 'psnr_tile_each', lower=False)} |")
+        print(f"|  |  | ΔE (colour shift, CIEDE2000 of means) sana → fx2 | | {lin['delta_e']:.2f} | {net['delta_e']:.2f} "
+              f"(taef2's own {own['delta_e']:.2f}) | |")
+    for (src, dst), c in costs.items():
+        names = " / ".join(f"{k} {1000 * v:.0f} ms" for k, v in c.items())
+        others = [k for k in c if k != "v4"]
+        print(f"step cost {src} -> {dst}, batch 16 of whole tiles: {names}"
+              + "".join(f" ({k}/v4 = {c[k] / c['v4']:.2f})" for k in others))
     print("\nwall times: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
 
 
-def _beats(net: dict, lin: dict, metric: str) -> str:
-    if metric == "l1":
-        a, b = net["latent_l1_each"], lin["latent_l1_each"]
-        wins = sum(x < y for x, y in zip(a, b))
-    else:
-        a, b = net["psnr_tile_each"], lin["psnr_tile_each"]
-        wins = sum(x > y for x, y in zip(a, b))
-    return f"{wins}/{len(a)} tiles"
+def _beats(result: dict, net: dict, lin: dict, key: str, lower: bool) -> str:
+    better = [(x < y) if lower else (x > y) for x, y in zip(net[key], lin[key])]
+    photos: dict[str, list[tuple[float, float]]] = {}
+    for uri, a, b in zip(result["tile_uris"], net[key], lin[key]):
+        photos.setdefault(Path(uri).name.split("-")[0], []).append((a, b))
+    mean = lambda v: sum(v) / len(v)  # noqa: E731
+    won = [p for p, v in photos.items() if (mean([a for a, _ in v]) < mean([b for _, b in v])) == lower]
+    return f"{sum(better)}/{len(better)}; {len(won)}/{len(photos)} ({', '.join(sorted(won))})"
 
 
 if __name__ == "__main__":

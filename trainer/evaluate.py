@@ -136,7 +136,7 @@ def evaluate(model: str, data: str, split: str = "val", limit: int | None = 64, 
 
     acc = {m: dict(l1=0.0, mse=0.0, psnr_tile=[], ssim_tile=[], psnr_target=[], ssim_target=[], de=[], sec=0.0,
                    l1_each=[]) for m in methods}
-    own = dict(psnr_tile=[], ssim_tile=[], de=[])  # the target latent itself, decoded: the target VAE's ceiling
+    own = dict(psnr_tile=[], ssim_tile=[], delta_e=[])  # the target latent itself, decoded: the target VAE's ceiling
     n_el = 0
     pictures: dict[str, list[np.ndarray]] = {}  # column -> the first grid_tiles images, for the PNG
     bar = tqdm(range(0, len(rows), batch), desc="eval", unit="batch", leave=False)
@@ -150,7 +150,7 @@ def evaluate(model: str, data: str, split: str = "val", limit: int | None = 64, 
             n_el += zt.numel()
             for img, orig in zip(target_images, originals):  # the target VAE's own round trip of the tile
                 p1, s1 = image_metrics(img, orig)
-                own["psnr_tile"].append(p1), own["ssim_tile"].append(s1), own["de"].append(mean_delta_e(img, orig))
+                own["psnr_tile"].append(p1), own["ssim_tile"].append(s1), own["delta_e"].append(mean_delta_e(img, orig))
             for name, fn in methods.items():
                 if dev.type == "cuda":
                     torch.cuda.synchronize()
@@ -185,6 +185,7 @@ def evaluate(model: str, data: str, split: str = "val", limit: int | None = 64, 
                              latent_l1_each=[round(v, 5) for v in a["l1_each"]]))
     result = dict(model=str(path), src=src, dst=dst, data=data, split=split, tiles=len(rows),
                   tile_size=manifest.tile_size, device=str(dev), linear_fit_tiles=len(fx),
+                  tile_uris=[r["uri"] for r in rows],
                   linear_fit_data="this dataset's train split" if linear_data is None else str(linear_data),
                   vaes={c: manifest.spaces[c].vae for c in (src, dst)}, rows=out_rows, notes=notes,
                   target_vae={k: finite(v) for k, v in own.items()} if d.decoder else None)
