@@ -84,6 +84,17 @@ class Resample(nn.Module):
         return F.interpolate(x, scale_factor=self.scale, mode="nearest")
 
 
+def check_args(ch_in: int, ch_out: int, ch_mid: int, blocks: int, scale: float) -> None:
+    """The constructor arguments every interposer network shares, checked (ValueError naming the argument)."""
+    for name, value in (("ch_in", ch_in), ("ch_out", ch_out), ("ch_mid", ch_mid)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if not isinstance(blocks, int) or blocks < 0:
+        raise ValueError(f"blocks must be a non-negative integer, got {blocks!r}")
+    if not scale > 0:
+        raise ValueError(f"scale must be positive, got {scale!r}")
+
+
 class InterposerModel(nn.Module):
     """raw latents (B, ch_in, H, W) -> raw latents (B, ch_out, H*scale, W*scale)."""
 
@@ -96,13 +107,7 @@ class InterposerModel(nn.Module):
 
     def __init__(self, ch_in: int = 4, ch_out: int = 4, ch_mid: int = 64, blocks: int = 12, scale: float = 1.0):
         super().__init__()
-        for name, value in (("ch_in", ch_in), ("ch_out", ch_out), ("ch_mid", ch_mid)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(blocks, int) or blocks < 0:
-            raise ValueError(f"blocks must be a non-negative integer, got {blocks!r}")
-        if not scale > 0:
-            raise ValueError(f"scale must be positive, got {scale!r}")
+        check_args(ch_in, ch_out, ch_mid, blocks, scale)
         self.ch_in, self.ch_out, self.ch_mid, self.blocks, self.scale = ch_in, ch_out, ch_mid, blocks, float(scale)
         self.head = ExtractBlock(ch_in, ch_mid)
         self.core = nn.Sequential(

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .model import ExtractBlock, ResBlock, _SiLU
+from .model import ExtractBlock, ResBlock, _SiLU, check_args
 
 
 def _factor(scale: float) -> int:
@@ -58,13 +58,7 @@ class ShuffleInterposer(nn.Module):
                  blocks_low: int | None = None, in_mean: list[float] | None = None, in_std: list[float] | None = None,
                  out_mean: list[float] | None = None, out_std: list[float] | None = None):
         super().__init__()
-        for name, value in (("ch_in", ch_in), ("ch_out", ch_out), ("ch_mid", ch_mid)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(blocks, int) or blocks < 0:
-            raise ValueError(f"blocks must be a non-negative integer, got {blocks!r}")
-        if not scale > 0:
-            raise ValueError(f"scale must be positive, got {scale!r}")
+        check_args(ch_in, ch_out, ch_mid, blocks, scale)
         k = _factor(scale)
         up = scale > 1
         if blocks_low is None:  # upsampling: a sixth of the blocks on the coarse grid, the rest on the fine one

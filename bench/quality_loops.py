@@ -1,0 +1,108 @@
+"""Network variants for the real pair, in plain torch loops (no Ray): fast side-by-side comparisons on the
+datasets `bench/quality.py` builds. What the README's variant table reports; the product's numbers come
+from bench/quality.py itself.
+
+    python bench/quality_loops.py fx2 sana shuffle 2e-3 600                 # default network, 600 steps
+    python bench/quality_loops.py fx2 sana v4 5e-4 600
+    python bench/quality_loops.py sana fx2 shuffle 2e-3 600 bl=2 w=64 b=12  # blocks_low, width, blocks
+    python bench/quality_loops.py fx2 sana shuffle 2e-3 600 ema=0.99 norm=0
+
+Environment: DATA (the quality bench's --work folder, default ./bench-quality), VAES (default ../shared/vaes),
+THREADS (torch threads, default 2). Loop: AdamW (betas 0.5, 0.95, weight decay 0.01) at the given learning
+rate with a cosine decay over the run, L1 on batches of 16 whole tiles drawn with replacement. Prints the
+test latent L1 (and, into fx2, the decoded PSNR against the photo) beside the linear map's, and ms per step.
+"""
+
+import copy
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from interposer.model import InterposerModel  # noqa: E402
+from interposer.pipeline.schema import read_manifest  # noqa: E402
+from interposer.shuffle_model import ShuffleInterposer  # noqa: E402
+from interposer.trainer.data import PairReader  # noqa: E402
+from interposer.trainer.evaluate import _original, apply_linear, fit_linear  # noqa: E402
+
+
+def main() -> None:
+    if len(sys.argv) < 6:
+        sys.exit(__doc__)
+    src, dst, arch, lr, steps = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4]), int(sys.argv[5])
+    extra = dict(a.split("=") for a in sys.argv[6:])
+    torch.set_num_threads(int(os.environ.get("THREADS", "2")))
+    data = os.environ.get("DATA", "bench-quality")
+    read_manifest(f"{data}/data-train")
+    tr = PairReader(f"{data}/data-train", src, dst, 0.0).take("train")
+    te = PairReader(f"{data}/data-test", src, dst, 0.0).take("train")
+    xs, ys = torch.from_numpy(tr.src).float(), torch.from_numpy(tr.dst).float()  # (N, 32, h, w)
+    xt, yt = torch.from_numpy(te.src).float(), torch.from_numpy(te.dst).float()
+    scale = yt.shape[-1] / xt.shape[-1]
+    torch.manual_seed(0)
+    width, blocks = int(extra.get("w", 64)), int(extra.get("b", 12))
+    if arch == "v4":
+        net = InterposerModel(xs.shape[1], ys.shape[1], width, blocks, scale)
+    else:
+        stats = {}
+        if extra.get("norm", "1") == "1":
+            stats = dict(in_mean=xs.mean((0, 2, 3)).tolist(), in_std=xs.std((0, 2, 3)).tolist(),
+                         out_mean=ys.mean((0, 2, 3)).tolist(), out_std=ys.std((0, 2, 3)).tolist())
+        low = int(extra["bl"]) if "bl" in extra else None
+        net = ShuffleInterposer(xs.shape[1], ys.shape[1], width, blocks, scale, blocks_low=low, **stats)
+    net.init_weights(torch.Generator().manual_seed(0))
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, betas=(0.5, 0.95), weight_decay=0.01)
+    g = torch.Generator().manual_seed(1)
+    decay = float(extra.get("ema", 0))
+    ema = copy.deepcopy(net) if decay else None
+    start = time.time()
+    net.train()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr * 0.5 * (1 + np.cos(np.pi * step / steps))
+        idx = torch.randint(0, len(xs), (16,), generator=g)
+        loss = F.l1_loss(net(xs[idx]), ys[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if ema is not None:
+            with torch.no_grad():
+                d = min(decay, (1 + step) / (10 + step))
+                for a, b in zip(ema.parameters(), net.parameters()):
+                    a.lerp_(b, 1 - d)
+                for a, b in zip(ema.buffers(), net.buffers()):
+                    a.lerp_(b, 1 - d) if a.is_floating_point() else a.copy_(b)
+    ms = 1000 * (time.time() - start) / steps
+    net = (ema or net).eval()
+    with torch.no_grad():
+        pred = net(xt)
+        w, b = fit_linear(xs, ys, scale)
+        lin = apply_linear(w, b, xt, scale)
+    out = (f"{src}->{dst} {arch} lr={lr} {extra} steps={steps}: test L1 {(pred - yt).abs().mean():.4f} "
+           f"(linear {(lin - yt).abs().mean():.4f}) train loss {loss.item():.4f} step {ms:.0f} ms")
+    if dst == "fx2":  # decoded by taef2, against the original photo crop
+        from interposer.spaces import get_space
+        from interposer.vae import decode_raw, load_vae
+
+        vae = load_vae(get_space("fx2"), os.environ.get("VAES", "../shared/vaes") + "/taef2", None,
+                       trust_remote_code=True)
+        manifest = read_manifest(f"{data}/data-test")
+        photo = torch.from_numpy(np.stack([_original(r, manifest) for r in te.rows.to_pylist()]))
+        photo = photo.permute(0, 3, 1, 2).float()
+
+        def psnr(z):
+            image = (decode_raw(vae, get_space("fx2"), z).clamp(-1, 1) + 1) / 2
+            return (10 * torch.log10(1 / ((image - photo) ** 2).flatten(1).mean(1))).mean().item()
+
+        out += f" PSNR {psnr(pred):.2f} (linear {psnr(lin):.2f}, taef2's own {psnr(yt):.2f})"
+    print(out, flush=True)
+
+
+if __name__ == "__main__":
+    main()
