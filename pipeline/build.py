@@ -344,7 +344,8 @@ def _refuse_empty(cfg: BuildConfig, store: Store, manifest: Manifest, created: b
         for rel in (index_path(shard), images_path(shard)):
             if len(named) < examples and store.exists(rel):
                 rows = store.read_table(rel, columns=["uri", "status"]).to_pylist()
-                named += [f"{r['uri']} ({r['status']})" for r in rows if r["status"] != "ok"][: examples - len(named)]
+                named += [f"{r['uri']} ({r['status']})" for r in rows
+                          if r["status"] not in ("ok", "duplicate")][: examples - len(named)]
     store.fs.delete_dir_contents(store.base, missing_dir_ok=True)
     if created and store.local:
         Path(store.base).rmdir()
