@@ -36,15 +36,12 @@ def start_ray(log_to_driver: bool = False) -> bool:
         return False
     if not (sys.stdout.isatty() and sys.stderr.isatty()):  # no colour codes in a file or a pipe
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
-    # workers' root loggers at WARNING: Ray libraries' per-step INFO lines (e.g. Ray Train's "Reporting training
-    # result ..." on every report) stay in the log files; our own progress is printed, not logged
-    quiet = ray.LoggingConfig(log_level="WARNING")
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(logging_level="warning", log_to_driver=log_to_driver, logging_config=quiet)
+        ray.init(logging_level="warning", log_to_driver=log_to_driver)
     else:
         os.environ.setdefault("RAY_worker_niceness", "0")
         _quiet_auth_notice()
-        ray.init(logging_level="warning", log_to_driver=log_to_driver, include_dashboard=False, logging_config=quiet)
+        ray.init(logging_level="warning", log_to_driver=log_to_driver, include_dashboard=False)
         start_watchdog()  # a SIGKILLed command leaves no Ray process behind
     return True
 

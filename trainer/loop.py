@@ -33,6 +33,19 @@ def _decoder(cfg: TrainConfig, data: str, device, trust_remote_code: bool = Fals
         if get_space(cfg.dst).video else vae.decode(z).sample
 
 
+def _quiet_ray_train_reports() -> None:
+    """Ray Train logs "Reporting training result ..." at INFO on every report, from a logger named by its module's
+    file (so RunConfig's LoggingConfig, which sets the ray.train loggers, misses it): one more console line per
+    progress line. Raise that logger to WARNING in this worker; nothing else of Ray's logging changes."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: its lines stay
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def _is_local(checkpoint) -> bool:
     import pyarrow.fs as pafs
 
@@ -46,6 +59,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     from interposer.pipeline.schema import read_manifest
 
+    _quiet_ray_train_reports()
     read_manifest(config["data"])  # registers the dataset's spaces defined by their VAEs, before the config
     cfg = TrainConfig.from_dict(config["cfg"])
     ctx = ray.train.get_context()
