@@ -111,8 +111,10 @@ def run_demo(out: str | Path, quick: bool = False) -> dict[str, Path]:
         _done(t, f"run: {run_dir} (TensorBoard: {run_dir / 'tensorboard'}); export: {art['export']}")
 
         t = _stage(4, "interposer eval: the interposer against the VAE round trip and a linear baseline")
-        result = evaluate(str(art["export"]), str(art["dataset"]), split="all", limit=16 if quick else 32)
+        result = evaluate(str(art["export"]), str(art["dataset"]), split="all", limit=16 if quick else 32,
+                          grid=art["export"] / "eval.png")
         print(format_table(result))
+        art["eval_png"] = art["export"] / "eval.png"
         art["eval"] = art["export"] / "eval.json"
         art["eval"].write_text(json.dumps(result, indent=2) + "\n")
         _done(t, f"eval: {art['eval']}")
