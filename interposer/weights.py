@@ -196,10 +196,10 @@ def _load_folder(folder: Path, src: str | None, dst: str | None) -> InterposerMo
     try:
         config = json.loads(cfg_path.read_text())
         architecture = config.get("architecture", ARCHITECTURE)
-        if architecture not in ARCHITECTURES:
-            raise ValueError(f"{cfg_path}: architecture {architecture!r} is not one of {', '.join(ARCHITECTURES)}; "
-                             "a newer latent-interposer may know it")
-        known = inspect.signature(ARCHITECTURES[architecture]).parameters
+        try:
+            known = inspect.signature(network_class(architecture)).parameters
+        except ValueError as e:
+            raise ValueError(f"{cfg_path}: {e}") from None
         args = {k: config[k] for k in _ARG_NAMES} | {k: config[k] for k in known if k in config}
         f_src, f_dst = get_space(config["src"]).code, get_space(config["dst"]).code
     except (json.JSONDecodeError, KeyError, TypeError) as e:

@@ -132,14 +132,15 @@ def _cmd_eval(args) -> int:
         vaes[get_space(code).code] = source
     val_fraction = args.val_fraction
     config = model / "config.json" if model.is_dir() else None
+    exported = json.loads(config.read_text()) if config and config.is_file() else {}
     if val_fraction is None:  # the share the run held out, so that "val" means the tiles it never trained on
-        val_fraction = json.loads(config.read_text()).get("val_fraction") if config and config.is_file() else None
+        val_fraction = exported.get("val_fraction")
         if val_fraction is None:
             val_fraction = 0.02
         else:
             print(f"validation share {val_fraction} (the run's own, from {config})")
     out = Path(args.out) if args.out else (model / EVAL_FILE if model.is_dir() else Path(EVAL_FILE))
-    trained_on = json.loads(config.read_text()).get("data") if config and config.is_file() else None
+    trained_on = exported.get("data")
     if args.split != "val" and trained_on and Path(trained_on).resolve() == Path(args.data).resolve():
         print(f"note: --split {args.split} on the dataset the model was trained on: its training images are "
               "evaluated too, so the figures are optimistic")

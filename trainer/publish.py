@@ -154,6 +154,10 @@ def _network_line(config: dict) -> str:
             "per channel, with a linear path")
 
 
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
 def _network_error(e: BaseException) -> bool:
     """A transport failure of whichever HTTP client huggingface_hub uses (httpx, its forks, requests)."""
     return isinstance(e, OSError) or any(c.__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "requests",
@@ -238,7 +242,7 @@ def publish(model: str | Path, repo: str, rev: str = "v5.0", private: bool = Fal
             info = api.create_commit(repo, operations=ops, commit_message=f"Publish {repo} {rev} (latent-interposer)")
         except HfHubHTTPError as e:
             status = getattr(e.response, "status_code", None)
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = _first_line(e)
             if status in (401, 403):
                 raise PermissionError(f"the Hub refused the token for {repo} ({status}): check HF_TOKEN or "
                                       "`hf auth login`, and that it may write to this repo") from None
