@@ -36,14 +36,64 @@ def start_ray(log_to_driver: bool = False) -> bool:
         return False
     if not (sys.stdout.isatty() and sys.stderr.isatty()):  # no colour codes in a file or a pipe
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(logging_level="warning", log_to_driver=log_to_driver)
+    address = os.environ.get("RAY_ADDRESS", "").strip()
+    if address:
+        check_cluster_answers(address)
+        ray.init(address=address, logging_level="warning", log_to_driver=log_to_driver)
     else:
+        # "local": a Ray of our own, never the cluster Ray last recorded on this machine
+        # (/tmp/ray/ray_current_cluster), which may be dead (ray.init would retry it for minutes) or someone
+        # else's (the command would silently run there)
         os.environ.setdefault("RAY_worker_niceness", "0")
         _quiet_auth_notice()
-        ray.init(logging_level="warning", log_to_driver=log_to_driver, include_dashboard=False)
+        ray.init(address="local", logging_level="warning", log_to_driver=log_to_driver, include_dashboard=False)
         start_watchdog()  # a SIGKILLed command leaves no Ray process behind
     return True
+
+
+class ClusterUnreachable(ConnectionError):
+    """RAY_ADDRESS names a cluster that does not answer (a machine fault: one line, exit 1)."""
+
+
+def connect_timeout() -> float:
+    """Seconds to wait for RAY_ADDRESS's head to answer (INTERPOSER_RAY_CONNECT_TIMEOUT, default 20)."""
+    return float(os.environ.get("INTERPOSER_RAY_CONNECT_TIMEOUT", "20"))
+
+
+def check_cluster_answers(address: str, timeout: float | None = None) -> None:
+    """Fail in one line, within `timeout` seconds, when nothing listens at RAY_ADDRESS's head (ray.init
+    would retry a dead GCS for a minute or more, printing only its own warnings). 'auto' is the address
+    Ray recorded on this machine; ray:// (Ray Client) and host:port are probed directly."""
+    import socket
+    import time
+
+    timeout = connect_timeout() if timeout is None else timeout
+    target = address.removeprefix("ray://")
+    if target == "auto":
+        from ray._private.utils import read_ray_address  # what `ray.init("auto")` reads first
+
+        target = read_ray_address() or ""
+        if not target:
+            raise ClusterUnreachable("RAY_ADDRESS=auto, but no Ray cluster was started on this machine "
+                                     "(`ray start --head`); set RAY_ADDRESS to the head's host:port, or unset it to "
+                                     "run on a Ray of this command's own")
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"RAY_ADDRESS={address!r}: expected HOST:PORT of the cluster's head (e.g. 10.0.0.5:6379), "
+                         "ray://HOST:PORT, or auto")
+    deadline, error = time.monotonic() + timeout, None
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=max(0.1, min(2.0, timeout))):
+                return
+        except OSError as e:
+            error = e
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.5)
+    raise ClusterUnreachable(f"RAY_ADDRESS={address}: no Ray head answers at {host}:{port} within {timeout:g} s "
+                             f"({getattr(error, 'strerror', None) or error}); start the cluster (`ray up`, "
+                             "`ray start --head`) or unset RAY_ADDRESS to run on a Ray of this command's own")
 
 
 # ------------------------------------------------------------------ local Ray after its driver is killed

@@ -2,7 +2,11 @@
 
 import copy
 import json
+import os
+import shutil
+from pathlib import Path
 
+import pytest
 import yaml
 
 from helpers import ROOT, run
@@ -110,3 +114,55 @@ def test_a_killed_command_leaves_no_local_ray_process_behind(tmp_path):
     finally:
         if driver.poll() is None:
             driver.kill()
+
+
+def _dead_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_without_ray_address_a_command_runs_on_a_ray_of_its_own(tmp_path):
+    """The address Ray last recorded on the machine (ray_current_cluster) is never used: with it naming a dead
+    cluster, ray.init() retried it for minutes; a live one would have been joined silently."""
+    import subprocess
+    import sys
+    import tempfile
+
+    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths live under it
+    dead = f"127.0.0.1:{_dead_port()}"
+    (Path(ray_tmp) / "ray").mkdir()
+    (Path(ray_tmp) / "ray" / "ray_current_cluster").write_text(dead)
+    code = ("import ray; from interposer.cluster import start_ray; assert start_ray(); "
+            "print(ray.get_runtime_context().gcs_address, flush=True); ray.shutdown()")
+    env = {**os.environ, "RAY_ADDRESS": "", "RAY_TMPDIR": ray_tmp, "INTERPOSER_NO_WATCHDOG": "1"}
+    try:
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+        address = result.stdout.strip().splitlines()[-1]
+        assert address != dead and address.rpartition(":")[2].isdigit(), result.stdout
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.mark.parametrize("address", ["DEAD", "ray://DEAD", "auto"])
+def test_a_ray_address_that_does_not_answer_fails_in_one_line(address, photos, vaes, tmp_path):
+    import tempfile
+
+    dead = f"127.0.0.1:{_dead_port()}"
+    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+    if address == "auto":  # what a dead cluster left behind
+        (Path(ray_tmp) / "ray").mkdir()
+        (Path(ray_tmp) / "ray" / "ray_current_cluster").write_text(dead)
+    result = run("-m", "interposer", "data", "build", "--images", str(photos), "--space", f"v1={vaes['v1']}", "--out",
+                 str(tmp_path / "out"), env={"RAY_ADDRESS": address.replace("DEAD", dead), "RAY_TMPDIR": ray_tmp,
+                                             "INTERPOSER_RAY_CONNECT_TIMEOUT": "2"})
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"no Ray head answers at {dead} within 2 s" in lines[0], result.stderr
+    assert "unset RAY_ADDRESS" in lines[0]
+    assert not (tmp_path / "out").exists()
