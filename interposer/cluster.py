@@ -22,6 +22,30 @@ def _quiet_auth_notice() -> None:
         logger.addFilter(drop)
 
 
+CLEANER = "PlacementGroupCleaner"  # Ray Train's detached actor that removes a dead run's placement group
+
+
+def _drop_cleaner_lines() -> None:
+    """Keep Ray Train's PlacementGroupCleaner off the console. It asks Ray's state API (served by the dashboard)
+    once a second whether the run's controller is alive: without a dashboard (local Ray) each ask prints
+    "Failed to query Ray Train Controller actor state", and with several Ray instances on one machine it
+    dies with a traceback. Its lines still go to Ray's log files (session_latest/logs/worker-*). Ray has no
+    public filter for the worker output it forwards to the driver, so this wraps the one function that prints
+    it (ray._private.worker.print_worker_logs); everything else prints as before."""
+    import ray._private.worker as worker
+
+    if getattr(worker.print_worker_logs, "interposer", False):
+        return
+    original = worker.print_worker_logs
+
+    def print_worker_logs(data, print_file, ignore_prefix=False):
+        if CLEANER not in (data.get("actor_name"), data.get("task_name")):
+            original(data, print_file, ignore_prefix)
+
+    print_worker_logs.interposer = True
+    worker.print_worker_logs = print_worker_logs
+
+
 def start_ray(log_to_driver: bool = False) -> bool:
     """Connect to the cluster RAY_ADDRESS names, or start Ray on this machine; True if this call started it.
 
@@ -34,6 +58,8 @@ def start_ray(log_to_driver: bool = False) -> bool:
 
     if ray.is_initialized():
         return False
+    if log_to_driver:
+        _drop_cleaner_lines()
     if not (sys.stdout.isatty() and sys.stderr.isatty()):  # no colour codes in a file or a pipe
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     address = os.environ.get("RAY_ADDRESS", "").strip()

@@ -104,6 +104,14 @@ def _add_eval(sub) -> None:
 
 
 def _cmd_eval(args) -> int:
+    from .publish import local_model
+
+    with local_model(args.model) as (model, remote):  # a run in s3:// is read through a local copy
+        _eval(args, model, remote)
+    return 0
+
+
+def _eval(args, model, remote) -> None:
     import json
     from pathlib import Path
 
@@ -119,7 +127,7 @@ def _cmd_eval(args) -> int:
         raise ValueError(f"--limit {args.limit}: give a number of tiles, or 0 for all")
     if args.val_fraction is not None and not 0 <= args.val_fraction < 1:
         raise ValueError(f"--val-fraction {args.val_fraction}: a share of images in [0, 1), e.g. 0.02")
-    model = Path(args.model)
+    root = model
     if model.is_dir():
         model, _ = find_export(model)
     elif (args.src is None) != (args.dst is None) or (model.is_file() and args.src is None):
@@ -138,10 +146,11 @@ def _cmd_eval(args) -> int:
         if val_fraction is None:
             val_fraction = 0.02
         else:
-            print(f"validation share {val_fraction} (the run's own, from {config})")
+            print(f"validation share {val_fraction} (the run's own, from "
+                  f"{config if remote is None else remote.uri + '/' + config.relative_to(root).as_posix()})")
     out = Path(args.out) if args.out else (model / EVAL_FILE if model.is_dir() else Path(EVAL_FILE))
     trained_on = exported.get("data")
-    if args.split != "val" and trained_on and Path(trained_on).resolve() == Path(args.data).resolve():
+    if args.split != "val" and trained_on and _same_place(trained_on, args.data):
         print(f"note: --split {args.split} on the dataset the model was trained on: its training images are "
               "evaluated too, so the figures are optimistic")
     result = evaluate(str(model), args.data, split=args.split, limit=args.limit or None, device=args.device,
@@ -150,8 +159,21 @@ def _cmd_eval(args) -> int:
                       linear_data=args.linear_data)
     print(format_table(result))
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}" + (f" and {out.with_suffix('.png')}" if result.get("grid") else ""))
-    return 0
+    written = [out] + ([out.with_suffix(".png")] if result.get("grid") else [])
+    if remote is not None and not args.out:  # beside the model in the bucket, where publish looks
+        written = [f"{remote.uri}/{p.relative_to(root).as_posix()}" for p in written]
+        for p, uri in zip([out, out.with_suffix(".png")], written):
+            remote.write_bytes(uri[len(remote.uri) + 1:], p.read_bytes())
+    print("wrote " + " and ".join(str(w) for w in written))
+
+
+def _same_place(a: str, b: str) -> bool:
+    """Two dataset locations that name the same folder (URIs compared as written)."""
+    from pathlib import Path
+
+    if "://" in a or "://" in b:
+        return a.rstrip("/") == b.rstrip("/")
+    return Path(a).resolve() == Path(b).resolve()
 
 
 def _add_publish(sub) -> None:

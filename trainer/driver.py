@@ -28,9 +28,9 @@ from interposer.pipeline.schema import DatasetFiles, images_path, read_manifest
 
 from .config import TrainConfig
 from .data import check_pair
+from .publish import EXPORT
 
 RUN_RECORD = "interposer-run.json"
-EXPORT = "export"
 # settings that do not change what is computed: a resume may change them
 _FREE = ("max_failures", "log_every", "checkpoint_every", "eval_every", "eval_tiles", "num_to_keep",
          "preemption_check_every", "cpus_per_worker", "fallback_checkpoint")

@@ -16,21 +16,55 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
 
 from interposer import load_interposer, save_released
 from interposer.weights import is_v4
 from interposer.spaces import get_space
 
+if TYPE_CHECKING:
+    from interposer.pipeline.schema import DatasetFiles
+
 EVAL_FILE = "eval.json"
 GRID_FILE = "eval.png"  # eval's picture beside eval.json
+EXPORT = "export"  # a run's export folder (trainer.driver writes it)
+
+
+MODEL_FILES = ("config.json", "model.safetensors", EVAL_FILE, GRID_FILE)  # an export folder's files
+RUN_FILES = ("interposer-run.json", EVAL_FILE, GRID_FILE)  # a run folder's own, beside export/
+
+
+@contextmanager
+def local_model(model: str | Path) -> Iterator[tuple[Path, "DatasetFiles | None"]]:
+    """(a local path to `model`, its remote folder or None). A run or export folder in object storage
+    (s3://, gs://) is copied to a temporary folder first, laid out as it is there: an export is small (its
+    weights and a few JSON files; checkpoints are not copied)."""
+    from interposer.pipeline.schema import DatasetFiles
+
+    if "://" not in str(model):
+        yield Path(model).expanduser(), None
+        return
+    remote = DatasetFiles(str(model).rstrip("/"))
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / remote.uri.rsplit("/", 1)[-1]
+        for rel in (*RUN_FILES, *[f"{EXPORT}/{n}" for n in MODEL_FILES], *MODEL_FILES):
+            if remote.exists(rel):
+                (local / rel).parent.mkdir(parents=True, exist_ok=True)
+                (local / rel).write_bytes(remote.read_bytes(rel))
+        if not local.is_dir():
+            raise FileNotFoundError(f"--model {model}: neither a run folder (with {EXPORT}/) nor a model folder "
+                                    "(config.json + model.safetensors)")
+        yield local, remote
 
 
 def find_export(model: str | Path) -> tuple[Path, Path | None]:
     """(the export folder, the run folder or None) for a run folder or an export folder."""
     path = Path(model).expanduser()
-    if (path / "export" / "config.json").is_file():
-        return path / "export", path
+    if (path / EXPORT / "config.json").is_file():
+        return path / EXPORT, path
     if (path / "config.json").is_file():
         run = path.parent if (path.parent / "interposer-run.json").is_file() else None
         return path, run
@@ -173,6 +207,13 @@ def _grid_line(evaluation: dict | None) -> str:
 
 def stage(model: str | Path, repo: str, rev: str, folder: Path) -> list[Path]:
     """Write every file to push into `folder`; returns them (relative paths) in upload order."""
+    with local_model(model) as (local, _):
+        return _stage(local, repo, rev, folder)
+
+
+def _stage(model: Path, repo: str, rev: str, folder: Path) -> list[Path]:
+    from interposer.pipeline.schema import DatasetFiles
+
     export, run = find_export(model)
     config = json.loads((export / "config.json").read_text())
     net = load_interposer(str(export))  # also checks the weights load
@@ -181,8 +222,8 @@ def stage(model: str | Path, repo: str, rev: str, folder: Path) -> list[Path]:
     record = json.loads(record_file.read_text()) if record_file and record_file.is_file() else None
     manifest = None
     data = (record or {}).get("data") or config.get("data")
-    if data and Path(data, "manifest.json").is_file():
-        manifest = json.loads(Path(data, "manifest.json").read_text())
+    if data and DatasetFiles(data).exists("manifest.json"):  # a local folder or an s3:// dataset
+        manifest = json.loads(DatasetFiles(data).read_bytes("manifest.json"))
     shutil.copy(export / "model.safetensors", folder / "model.safetensors")
     (folder / "config.json").write_text(json.dumps(public_config(config, manifest), indent=2) + "\n")
     if is_v4(net):  # city96's v4.0 loaders assume this network and size: only then this layout
