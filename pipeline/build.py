@@ -25,6 +25,7 @@ from interposer.spaces import get_space, is_builtin
 from .encoder import VAESpec, load_vae, parse_space_arg, resolve_source, source_fingerprint
 from .images import DEFAULT_MAX_PIXELS
 from .index import add_counts, build_index
+from .objectstore import check_nodes, check_uri
 from .inspection import inspect_dataset  # noqa: F401  (re-exported)
 from .progress import Progress
 from .rows import CutParams
@@ -236,6 +237,7 @@ def build(cfg: BuildConfig) -> Manifest:
 
     Everything a user can get wrong (spaces, VAEs, sources, the output folder) is checked before Ray starts
     or anything is written."""
+    check_uri(cfg.out, "--out")
     store = Store(cfg.out)
     if store.local and Path(store.base).exists() and not Path(store.base).is_dir():
         raise ValueError(f"--out {cfg.out} is a file; give a folder (new or empty) for the dataset")
@@ -261,6 +263,8 @@ def build(cfg: BuildConfig) -> Manifest:
 
     ray, started = ray_for_data()
     try:
+        if on_cluster():  # every node reaches the bucket, or one line names the node that does not
+            check_nodes(ray, [(cfg.out, "--out"), *[(s, "--images") for s in cfg.images]])
         plan, dtype = _plan(ray, cfg)
         specs = [replace(spec, dtype=dtype) for spec in specs]
         for entry in entries.values():
@@ -376,6 +380,8 @@ def add_space(cfg: AddSpaceConfig) -> Manifest:
     entry = _space_entries(specs, manifest.tile_size)[code]
     ray, started = ray_for_data()
     try:
+        if on_cluster():
+            check_nodes(ray, [(cfg.data, "--data"), *[(s, "the dataset's source") for s in manifest.sources]])
         plan, dtype = _plan(ray, cfg)
         specs = [replace(spec, dtype=dtype) for spec in specs]
         entry.dtype = dtype

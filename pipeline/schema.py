@@ -268,6 +268,9 @@ class DatasetFiles:
 
 def read_manifest(data: str, flag: str = "--data") -> Manifest:
     """The manifest of the dataset at `data` (a folder or pyarrow filesystem URI); one line if there is none."""
+    from .objectstore import check_uri
+
+    check_uri(data, flag)
     files = DatasetFiles(data)
     if not files.exists(MANIFEST):
         raise FileNotFoundError(f"{flag} {data}: no {MANIFEST}; not a dataset (build one with `interposer data build`)")

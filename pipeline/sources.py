@@ -81,9 +81,21 @@ def _remote(uri: str) -> list[str]:
 
 
 def check_sources(specs: list[str]) -> None:
-    """Fail fast (before any Ray start-up) on a local source that does not exist."""
+    """Fail fast (before any Ray start-up) on a source that does not exist: a local path, or a URI whose object
+    store, keys, bucket or prefix is wrong (one request each)."""
+    from .objectstore import check_uri, explain
+
     for spec in specs:
-        if "://" not in spec and not glob.has_magic(spec) and not Path(spec).expanduser().exists():
+        if "://" in spec:
+            check_uri(spec, "--images")
+            fs, base = pafs.FileSystem.from_uri(spec)
+            try:
+                missing = fs.get_file_info(base).type == pafs.FileType.NotFound
+            except OSError as e:
+                raise explain(e, spec, "--images") or e from None
+            if missing:
+                raise FileNotFoundError(f"image source not found: {spec} (no object or prefix of that name)")
+        elif not glob.has_magic(spec) and not Path(spec).expanduser().exists():
             raise FileNotFoundError(f"image source not found: {spec} (a folder, glob, listing file or URI)")
 
 

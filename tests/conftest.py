@@ -70,7 +70,8 @@ def ray_session():
     import ray
 
     os.environ.setdefault("RAY_worker_niceness", "0")  # as pipeline.build.start_ray() runs local Ray
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning", log_to_driver=False)
+    # "local": never the cluster Ray last recorded on the machine (the `cluster` fixture records its head)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="warning", log_to_driver=False)
     yield ray
     ray.shutdown()
 
@@ -95,3 +96,36 @@ def vaes(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("vaes")
     return {code: make_standin_vae(code, root / code, seed=i) for i, code in
             enumerate(("v1", "xl", "v3", "fx", "fx2", "wan", "ca"))}
+
+
+# ----------------------------------------------------- a real S3 server and a real multi-node Ray cluster
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A real S3 server (SeaweedFS) on loopback with the bucket BUCKET; stopped by its pid at the end."""
+    from clusters import BUCKET
+    from seaweed import SeaweedS3
+
+    with SeaweedS3(tmp_path_factory.mktemp("seaweed")) as server:
+        server.bucket(BUCKET)
+        yield server
+
+
+@pytest.fixture(scope="session")
+def cluster(s3):
+    """A three-node Ray cluster on this machine (a head with no CPUs, as cluster.yaml's, and two one-CPU worker
+    nodes, each its own raylet and object store), every node with the S3 settings in its environment."""
+    from clusters import RAY_ENV, environment
+
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(shutdown_at_exit=False)
+    try:
+        with environment({**s3.env, **RAY_ENV}):
+            c.add_node(num_cpus=0)  # the head
+            for _ in range(2):
+                c.add_node(num_cpus=1)
+            c.wait_for_nodes()
+        yield c
+    finally:
+        c.shutdown()  # every process of every node, by the pids the Cluster started

@@ -3,97 +3,19 @@
 worker nodes lost without grace mid-build and mid-train. Every command goes through the CLI, as `ray job submit`
 sends it, with RAY_ADDRESS naming the cluster and the S3 settings in the standard AWS variables."""
 
-import hashlib
-import io
 import os
 import signal
-import subprocess
-import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import TINY_TRAIN
-from seaweed import SECRET_KEY, SeaweedS3
+from clusters import BUCKET, add_node, cli, digest_local, digest_s3, ok, start
 
-BUCKET = "interposer"
 BUILD = ["--tile-size", "64", "--max-tiles", "2", "--min-size", "64", "--shard-size", "1", "--gpus-per-worker", "0",
          "--workers", "2"]
-
-
-@contextmanager
-def environment(values: dict):
-    """os.environ with `values` for the duration (the nodes started inside inherit them, as a node's profile)."""
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    with SeaweedS3(tmp_path_factory.mktemp("seaweed")) as server:
-        server.bucket(BUCKET)
-        yield server
-
-
-@pytest.fixture(scope="module")
-def cluster(s3):
-    from ray.cluster_utils import Cluster
-
-    with environment({**s3.env, "RAY_worker_niceness": "0"}):
-        c = Cluster(initialize_head=True, head_node_args=dict(num_cpus=0), shutdown_at_exit=False)
-        for _ in range(2):
-            c.add_node(num_cpus=1)
-        c.wait_for_nodes()
-    try:
-        yield c
-    finally:
-        c.shutdown()  # every process of every node, by the pids the Cluster started
-
-
-def add_node(cluster, s3, **env):
-    with environment({**s3.env, "RAY_worker_niceness": "0", **env}):
-        node = cluster.add_node(num_cpus=1)
-    cluster.wait_for_nodes()
-    return node
-
-
-def cli(cluster, s3, *argv, env=None, timeout=300) -> subprocess.CompletedProcess:
-    full = {**os.environ, **s3.env, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": cluster.address, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "interposer", *argv], capture_output=True, text=True, env=full,
-                          timeout=timeout)
-
-
-def start(cluster, s3, *argv) -> subprocess.Popen:
-    full = {**os.environ, **s3.env, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": cluster.address}
-    return subprocess.Popen([sys.executable, "-m", "interposer", *argv], env=full, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-
-def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert SECRET_KEY not in result.stdout + result.stderr
-    return result
-
-
-def digest_s3(s3, uri: str) -> dict[str, str]:
-    return {rel: hashlib.sha256(s3.get_bytes(f"{uri}/{rel}")).hexdigest() for rel in s3.list(uri)}
-
-
-def digest_local(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +67,58 @@ def test_build_to_s3_survives_a_lost_node_and_equals_a_local_build(cluster, s3, 
     ok(cli(cluster, s3, "data", "add-space", "--data", uri, "--space", f"v3={vaes['v3']}", "--workers", "2",
            "--gpus-per-worker", "0"))
     assert len([r for r in s3.list(f"{uri}/latents/v3") if r.endswith(".parquet")]) == shards
+
+
+@pytest.mark.parametrize("case, argv, env, code, message", [
+    ("no bucket", ["data", "build", "--images", "PHOTOS", "--out", "s3://no-such-bucket/d"], {}, 2,
+     "--out s3://no-such-bucket/d: the bucket 'no-such-bucket' does not exist on http://127.0.0.1:"),
+    ("no bucket", ["data", "build", "--images", "s3://no-such-bucket/photos/", "--out", "OUT"], {}, 2,
+     "--images s3://no-such-bucket/photos/: the bucket 'no-such-bucket' does not exist"),
+    ("no prefix", ["data", "build", "--images", f"s3://{BUCKET}/no-photos/", "--out", "OUT"], {}, 2,
+     f"image source not found: s3://{BUCKET}/no-photos/ (no object or prefix of that name)"),
+    ("wrong keys", ["data", "build", "--images", "PHOTOS", "--out", "OUT"],
+     {"AWS_SECRET_ACCESS_KEY": "wrong-secret-never-printed"}, 2,
+     "the S3 server refused the credentials; check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"),
+    ("dead endpoint", ["data", "build", "--images", "PHOTOS", "--out", "OUT"], {"AWS_ENDPOINT_URL": "DEAD"}, 1,
+     "no S3 server answers at DEAD (AWS_ENDPOINT_URL) within 5 s"),
+    ("not a dataset", ["train", "--data", "PHOTOS", "--src", "xl", "--dst", "v1", "--out", f"s3://{BUCKET}/runs",
+                       "--name", "x"], {}, 2, "--data PHOTOS: no manifest.json; not a dataset"),
+    ("not a dataset", ["data", "add-space", "--data", "PHOTOS", "--space", "v3"], {}, 2, "no manifest.json"),
+    ("not a run", ["eval", "--model", "PHOTOS", "--data", "PHOTOS"], {}, 2, "neither a run folder"),
+])  # fmt: skip
+def test_s3_mistakes_and_faults_are_one_line_and_write_nothing(case, argv, env, code, message, s3, photos_in_s3,
+                                                               vaes):
+    import subprocess
+    import sys
+
+    from seaweed import free_port
+
+    out = f"s3://{BUCKET}/mistakes/{case.replace(' ', '-')}"
+    dead = f"http://127.0.0.1:{free_port()}"
+    argv = [a.replace("PHOTOS", photos_in_s3).replace("OUT", out) for a in argv]
+    if argv[:2] == ["data", "build"]:
+        argv += ["--space", f"v1={vaes['v1']}", "--tile-size", "64"]
+    env = {k: v.replace("DEAD", dead) for k, v in env.items()}
+    full = {**os.environ, **s3.env, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": "", **env}
+    result = subprocess.run([sys.executable, "-m", "interposer", *argv], capture_output=True, text=True, env=full,
+                            timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == code, result.stdout[-2000:] + result.stderr[-2000:]
+    assert len(lines) == 1 and message.replace("PHOTOS", photos_in_s3).replace("DEAD", dead) in lines[0], lines
+    assert "wrong-secret" not in result.stdout + result.stderr and s3.env["AWS_SECRET_ACCESS_KEY"] not in lines[0]
+    assert s3.list(out) == []  # nothing half-written in the bucket
+
+
+def test_a_node_without_the_s3_settings_is_named_in_one_line(cluster, s3, photos_in_s3, vaes):
+    uri = f"s3://{BUCKET}/datasets/bare-node"
+    bare = add_node(cluster, s3, **{k: None for k in s3.env})  # a node whose profile lacks the S3 settings
+    try:
+        result = cli(cluster, s3, "data", "build", "--images", photos_in_s3, "--space", f"v1={vaes['v1']}", *BUILD,
+                     "--out", uri)
+    finally:
+        cluster.remove_node(bare)
+    lines = [line for line in result.stderr.strip().splitlines() if "error:" in line]
+    assert result.returncode == 1 and len(lines) == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    assert " on node " in lines[0] and "this node has no AWS_ENDPOINT_URL" in lines[0], lines[0]
+    assert "cluster.yaml" in lines[0] and s3.env["AWS_SECRET_ACCESS_KEY"] not in result.stderr
+    assert s3.list(uri) == []  # refused before anything was written

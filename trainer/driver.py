@@ -81,6 +81,18 @@ def _store(spec: RunSpec) -> DatasetFiles:
     return DatasetFiles(_run_dir(spec))
 
 
+def _check_out(spec: RunSpec) -> None:
+    """The runs folder: reachable (an object store's bucket exists), and not inside the dataset it reads (a run's
+    files there would sit among the dataset's, and a rebuild would find a folder it did not make)."""
+    from interposer.pipeline.objectstore import check_uri
+
+    check_uri(spec.out, "--out")
+    run, data = _run_dir(spec).rstrip("/") + "/", spec.data.rstrip("/") + "/"
+    if run.startswith(data):
+        raise ValueError(f"--out {spec.out} is inside the dataset --data {spec.data}; keep runs beside datasets "
+                         f"(e.g. --out {spec.data.rstrip('/').rsplit('/', 1)[0]}/runs)")
+
+
 def _check_resume(cfg: TrainConfig, spec: RunSpec, fingerprint: str) -> dict | None:
     """The run's record, if any; refuses a resume whose data or config differ, naming the difference."""
     store = _store(spec)
@@ -167,6 +179,7 @@ def train(cfg: TrainConfig, spec: RunSpec) -> Path | str:
     """Train (or resume, or find finished) the run OUT/NAME; returns the export folder."""
     begun = time.time()
     manifest = read_manifest(spec.data)
+    _check_out(spec)
     check_pair(manifest, spec.data, cfg.src, cfg.dst)
     fingerprint = pair_fingerprint(manifest, cfg.src, cfg.dst)
     has_val = _check_data(cfg, spec.data, manifest)
@@ -198,6 +211,10 @@ def train(cfg: TrainConfig, spec: RunSpec) -> Path | str:
 
     started = start_ray(log_to_driver=True)
     try:
+        if os.environ.get("RAY_ADDRESS"):  # a cluster: every node reaches the bucket, or one line names the node
+            from interposer.pipeline.objectstore import check_nodes
+
+            check_nodes(ray, [(spec.data, "--data"), (spec.out, "--out")])
         storage = os.path.abspath(os.path.expanduser(spec.out)) if _local(spec.out) else spec.out
         request = worker_request(cfg, int(ray.cluster_resources().get("CPU", 1)))
         cpus = int(request["CPU"])

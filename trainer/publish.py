@@ -42,11 +42,13 @@ def local_model(model: str | Path) -> Iterator[tuple[Path, "DatasetFiles | None"
     """(a local path to `model`, its remote folder or None). A run or export folder in object storage
     (s3://, gs://) is copied to a temporary folder first, laid out as it is there: an export is small (its
     weights and a few JSON files; checkpoints are not copied)."""
+    from interposer.pipeline.objectstore import check_uri
     from interposer.pipeline.schema import DatasetFiles
 
     if "://" not in str(model):
         yield Path(model).expanduser(), None
         return
+    check_uri(str(model), "--model")
     remote = DatasetFiles(str(model).rstrip("/"))
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / remote.uri.rsplit("/", 1)[-1]

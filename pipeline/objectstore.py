@@ -1,0 +1,128 @@
+"""Object storage (s3://, gs://) checked before any work: the server answers, it takes the keys, the bucket exists;
+each failure one line naming the URI, the cause and the setting to fix, never a key or a secret.
+
+Endpoint and keys come from the standard AWS variables that pyarrow reads (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY, AWS_REGION; an instance profile on AWS). On a cluster every node needs them: a worker
+whose node lacks them fails in one line too (`explain`), naming the node and where the settings go.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import urllib.parse
+
+import pyarrow.fs as pafs
+
+REACH_TIMEOUT = 5.0  # seconds for the endpoint to accept a connection
+WHERE = "cluster.yaml's setup/environment or the node's profile"
+
+
+class StoreUnreachable(ConnectionError):
+    """The object store does not answer (a machine fault: one line, exit 1)."""
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in str(uri) and not str(uri).startswith("file://")
+
+
+def endpoint() -> str:
+    """The S3 endpoint this process uses: AWS_ENDPOINT_URL(_S3), else AWS's own for the region."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
+
+
+def _check_reachable(uri: str, flag: str) -> None:
+    url = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if not url or not uri.startswith("s3://"):
+        return  # AWS itself: the SDK's own resolution; its errors are explained below
+    parsed = urllib.parse.urlparse(url if "://" in url else f"http://{url}")
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname, port), timeout=REACH_TIMEOUT):
+            pass
+    except OSError as e:
+        raise StoreUnreachable(f"{flag} {uri}: no S3 server answers at {url} (AWS_ENDPOINT_URL) within "
+                               f"{REACH_TIMEOUT:g} s ({e.strerror or e}); check the endpoint and that the server is up"
+                               ) from None
+
+
+def explain(e: OSError, uri: str, flag: str, node: str | None = None) -> OSError | None:
+    """The one-line error for a filesystem error on `uri`, or None if it is not one we know."""
+    text = str(e)
+    where = f" on node {node}" if node else ""
+    settings = (f"; this node needs the S3 settings (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY): "
+                f"put them in {WHERE}") if node else ""
+    if any(k in text for k in ("ACCESS_DENIED", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied",
+                               "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH")):
+        return PermissionError(f"{flag} {uri}: the S3 server{where} refused the credentials; check "
+                               f"AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or the instance profile){settings}")
+    if "NETWORK_CONNECTION" in text or "curlCode" in text or "Could not resolve" in text:
+        cause = "cannot resolve the S3 server's host name" if "resolve" in text else "cannot connect to the S3 server"
+        return StoreUnreachable(f"{flag} {uri}{where}: {cause} ({endpoint()}); check AWS_ENDPOINT_URL and the "
+                                f"network{settings}")
+    if "NoSuchBucket" in text or ("Bucket" in text and "not found" in text):
+        return FileNotFoundError(f"{flag} {uri}: the bucket does not exist on {endpoint()}; create it or fix the name")
+    return None
+
+
+def check_uri(uri: str, flag: str) -> None:
+    """Before any work on `uri`: an object store that answers, takes the keys and holds the bucket. Local
+    paths pass through (their own checks name them)."""
+    if not is_remote(uri):
+        return
+    try:
+        fs, path = pafs.FileSystem.from_uri(uri)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{flag} {uri}: not a URI pyarrow can open ({e})") from None
+    _check_reachable(uri, flag)
+    bucket = path.split("/", 1)[0]
+    try:
+        info = fs.get_file_info(bucket)
+    except OSError as e:
+        raise explain(e, uri, flag) or e from None
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"{flag} {uri}: the bucket {bucket!r} does not exist on {endpoint()}; create it or "
+                                "fix the name")
+
+
+def _check_here(uris: list[tuple[str, str]], driver_has: list[str]) -> str | None:
+    """On one node: the first URI this node cannot use, as its one-line error (None: all fine)."""
+    import ray
+
+    node = f"{ray.util.get_node_ip_address()} ({ray.get_runtime_context().get_node_id()[:8]})"
+    for uri, flag in uris:
+        try:
+            fs, path = pafs.FileSystem.from_uri(uri)
+            _check_reachable(uri, flag)
+            fs.get_file_info(path.split("/", 1)[0])
+        except OSError as e:
+            known = explain(e, uri, flag, node)
+            missing = [k for k in driver_has if not os.environ.get(k)]
+            line = str(known or f"{flag} {uri} on node {node}: {e}")
+            if missing:
+                line += f" (this node has no {', '.join(missing)}; the command that sent the work has)"
+            return line
+    return None
+
+
+def check_nodes(ray, uris: list[tuple[str, str]]) -> None:
+    """On a cluster: every node that is up can reach each object-store URI (a node's workers have the node's
+    environment, not the driver's: a node without the S3 settings fails here, in one line naming it, instead
+    of deep inside a retried task). One tiny task per node; nodes that join later are checked by their work."""
+    uris = [(u, f) for u, f in uris if is_remote(u)]
+    if not uris:
+        return
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    has = [k for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY") if os.environ.get(k)]
+    probe = ray.remote(num_cpus=0, max_retries=0)(_check_here)
+    nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
+    refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote(uris, has)
+            for n in nodes]
+    for problem in ray.get(refs):
+        if problem:
+            raise NodeSettingsError(problem)
+
+
+class NodeSettingsError(ConnectionError):
+    """A node of the cluster cannot reach the object store the command uses (one line, exit 1)."""

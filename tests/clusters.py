@@ -1,0 +1,71 @@
+"""Helpers for the tests on a real S3 server and a real multi-node Ray cluster (fixtures `s3` and `cluster` in
+conftest.py): environments for nodes, commands sent to the cluster as `ray job submit` would send them."""
+
+import hashlib
+import os
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+from seaweed import SECRET_KEY
+
+BUCKET = "interposer"
+# Every node and every command in one authentication mode: a local ray.init() in the test process (ray_session)
+# puts RAY_AUTH_MODE=token in os.environ, and a command in token mode on a cluster without tokens has its
+# actors cancelled before they run ("The actor never ran"). Off: the cluster is on loopback.
+RAY_ENV = {"RAY_worker_niceness": "0", "RAY_AUTH_MODE": "disabled"}
+
+
+@contextmanager
+def environment(values: dict):
+    """os.environ with `values` for the duration (None: unset); the nodes started inside inherit it, as a node
+    inherits its profile."""
+    old = {k: os.environ.get(k) for k in values}
+    for k, v in values.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def add_node(cluster, s3, **env):
+    with environment({**s3.env, **RAY_ENV, **env}):
+        node = cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    return node
+
+
+def cli(cluster, s3, *argv, env=None, timeout=300) -> subprocess.CompletedProcess:
+    full = {**os.environ, **s3.env, **RAY_ENV, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": cluster.address, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "interposer", *argv], capture_output=True, text=True, env=full,
+                          timeout=timeout)
+
+
+def start(cluster, s3, *argv) -> subprocess.Popen:
+    full = {**os.environ, **s3.env, **RAY_ENV, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": cluster.address}
+    return subprocess.Popen([sys.executable, "-m", "interposer", *argv], env=full, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert SECRET_KEY not in result.stdout + result.stderr
+    return result
+
+
+def digest_s3(s3, uri: str) -> dict[str, str]:
+    return {rel: hashlib.sha256(s3.get_bytes(f"{uri}/{rel}")).hexdigest() for rel in s3.list(uri)}
+
+
+def digest_local(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
