@@ -1,12 +1,13 @@
 # make test: create .venv (CPU torch first), install the project with its test extras, run the suite.
 # make demo: the same set-up, then the whole chain offline on local Ray (interposer demo).
+# make rehearsal: the README's cluster recipe on one machine (bench/cluster.py).
 
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 TORCH  ?= torch==2.13.0
 
-.PHONY: test demo venv bench clean
+.PHONY: test demo venv bench rehearsal clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -26,6 +27,9 @@ demo: venv
 
 bench: venv
 	$(PY) bench/run.py
+
+rehearsal: venv  # the cluster recipe on one machine: S3 server, three Ray nodes, nodes lost (bench/cluster.py)
+	HF_HUB_OFFLINE=1 $(PY) bench/cluster.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -228,6 +228,7 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)  # argparse itself exits 2 with one line on a bad flag
     warnings.formatwarning = lambda message, *_a, **_k: f"{parser.prog}: warning: {message}\n"
     where = _where(parser, args)
+    _keep_ctrl_c()
     try:
         rc = args.func(args)
         sys.stdout.flush()  # here, not at exit: a reader that went away (`| head`) is handled below
@@ -257,6 +258,27 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
     except OSError as e:  # the machine, not the user's input: a full disk, a failed write, the network
         print(f"{where}: error: {e}", file=sys.stderr)
         return 1
+
+
+def _keep_ctrl_c() -> None:
+    """Ctrl-C that cannot be lost. Python raises KeyboardInterrupt wherever the main thread is; when that is a
+    finalizer (a weakref callback in Ray's or Arrow's code), the exception is reported as "Exception ignored"
+    and dropped, and the command ran on to the end (seen under load). Such a dropped interrupt is sent again."""
+    previous = sys.unraisablehook
+    if getattr(previous, "interposer", False):
+        return
+
+    def hook(unraisable):
+        if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
+            import signal
+            import threading
+
+            threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT)).start()  # raised again, elsewhere
+            return
+        previous(unraisable)
+
+    hook.interposer = True
+    sys.unraisablehook = hook
 
 
 def _where(parser: argparse.ArgumentParser, args) -> str:

@@ -25,7 +25,7 @@ from interposer.spaces import get_space, is_builtin
 from .encoder import VAESpec, load_vae, parse_space_arg, resolve_source, source_fingerprint
 from .images import DEFAULT_MAX_PIXELS
 from .index import add_counts, build_index
-from .objectstore import check_nodes, check_uri
+from .objectstore import check_uri
 from .inspection import inspect_dataset  # noqa: F401  (re-exported)
 from .progress import Progress
 from .rows import CutParams
@@ -34,6 +34,7 @@ from .run import (
     DEFAULT_GPU_WAIT,
     ENCODER_CPUS,
     EncoderPlan,
+    check_nodes,
     on_cluster,
     plan_encoders,
     ray_for_data,
@@ -232,6 +233,12 @@ def _identity_diff(old: Manifest, new: Manifest) -> list[str]:
     return diffs
 
 
+def _vae_paths(specs: list[VAESpec]) -> list[tuple[str, str]]:
+    """The VAEs loaded from this machine's disk, as (path, the flag that named it): every node needs them."""
+    return [(spec.source, f"--space {spec.space}={spec.source}") for spec in specs
+            if spec.source and Path(spec.source).is_absolute()]
+
+
 def build(cfg: BuildConfig) -> Manifest:
     """Build (or finish building) the dataset in cfg.out. Returns its manifest (run_stats: this run's timing).
 
@@ -263,8 +270,8 @@ def build(cfg: BuildConfig) -> Manifest:
 
     ray, started = ray_for_data()
     try:
-        if on_cluster():  # every node reaches the bucket, or one line names the node that does not
-            check_nodes(ray, [(cfg.out, "--out"), *[(s, "--images") for s in cfg.images]])
+        if on_cluster():  # every node reaches the bucket and the VAEs, or one line names the node that does not
+            check_nodes(ray, [(cfg.out, "--out"), *[(s, "--images") for s in cfg.images]], _vae_paths(specs))
         plan, dtype = _plan(ray, cfg)
         specs = [replace(spec, dtype=dtype) for spec in specs]
         for entry in entries.values():
@@ -381,7 +388,8 @@ def add_space(cfg: AddSpaceConfig) -> Manifest:
     ray, started = ray_for_data()
     try:
         if on_cluster():
-            check_nodes(ray, [(cfg.data, "--data"), *[(s, "the dataset's source") for s in manifest.sources]])
+            check_nodes(ray, [(cfg.data, "--data"), *[(s, "the dataset's source") for s in manifest.sources]],
+                        _vae_paths(specs))
         plan, dtype = _plan(ray, cfg)
         specs = [replace(spec, dtype=dtype) for spec in specs]
         entry.dtype = dtype

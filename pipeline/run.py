@@ -48,6 +48,60 @@ def on_cluster() -> bool:
     return bool(os.environ.get("RAY_ADDRESS"))
 
 
+def _check_here(uris: list[tuple[str, str]], paths: list[tuple[str, str]], driver_has: list[str]) -> str | None:
+    """On one node: the first URI or local path this node cannot use, as its one-line error (None: all fine)."""
+    import pyarrow.fs as pafs
+    import ray
+
+    from .objectstore import _check_reachable, explain
+
+    node = f"{ray.util.get_node_ip_address()} ({ray.get_runtime_context().get_node_id()[:8]})"
+    for path, what in paths:
+        if not os.path.exists(path):
+            return (f"{what}: {path} is not on node {node} (a local path must be on every node): put it there at the "
+                    "same path (cluster.yaml's file_mounts), or give a Hub repo id")
+    for uri, flag in uris:
+        try:
+            fs, path = pafs.FileSystem.from_uri(uri)
+            _check_reachable(uri, flag)
+            fs.get_file_info(path.split("/", 1)[0])
+        except OSError as e:
+            known = explain(e, uri, flag, node)
+            missing = [k for k in driver_has if not os.environ.get(k)]
+            line = str(known or f"{flag} {uri} on node {node}: {e}")
+            if missing:
+                line += f" (this node has no {', '.join(missing)}; the command that sent the work has)"
+            return line
+    return None
+
+
+def check_nodes(ray, uris: list[tuple[str, str]], paths: list[tuple[str, str]] = ()) -> None:
+    """On a cluster: every node that is up can reach each object-store URI and sees each local path (a node's
+    workers have the node's environment and disk, not the driver's: a node without the S3 settings, or without
+    a VAE folder, fails here in one line naming it, instead of deep inside a retried task). One tiny task per
+    node; nodes that join later meet the same errors in their work."""
+    from .objectstore import is_remote
+
+    uris = [(u, f) for u, f in uris if is_remote(u)]
+    paths = [(p, w) for p, w in paths if p and "://" not in p and os.path.isabs(p)]
+    if not uris and not paths:
+        return
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    has = [k for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY") if os.environ.get(k)]
+    probe = ray.remote(num_cpus=0, max_retries=0)(_check_here)
+    nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
+    refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote(uris, paths, has)
+            for n in nodes]
+    for problem in ray.get(refs):
+        if problem:
+            raise NodeSettingsError(problem)
+
+
+class NodeSettingsError(ConnectionError):
+    """A node of the cluster cannot reach what the command uses (one line, exit 1)."""
+
+
 class ClusterUnavailable(OSError):
     """The cluster did not provide what the build needs in time (a machine fault: exit 1, one line)."""
 

@@ -122,7 +122,10 @@ def cluster(s3):
     c = Cluster(shutdown_at_exit=False)
     try:
         with environment({**s3.env, **RAY_ENV}):
-            c.add_node(num_cpus=0)  # the head
+            from seaweed import free_port
+
+            # the head: no CPUs, and the dashboard with its Jobs API (`ray job submit`), as cluster.yaml's
+            c.add_node(num_cpus=0, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=free_port())
             for _ in range(2):
                 c.add_node(num_cpus=1)
             c.wait_for_nodes()

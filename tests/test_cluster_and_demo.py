@@ -24,7 +24,7 @@ def test_cluster_yaml_is_valid_and_fits_what_the_commands_ask_for():
     workers = {k: v for k, v in types.items() if k != config["head_node_type"]}
     assert all(v["node_config"]["InstanceMarketOptions"]["MarketType"] == "spot" for v in workers.values())
     assert config["docker"]["image"].startswith(f"rayproject/ray:{ray.__version__}-")  # same Ray as installed
-    assert "ray[data]>=2.50,<3" in (ROOT / "pyproject.toml").read_text()
+    assert "ray[data,default]>=2.50,<3" in (ROOT / "pyproject.toml").read_text()
 
     from interposer.pipeline.build import default_requests
     from interposer.trainer.config import TrainConfig

@@ -33,10 +33,21 @@ def photos_in_s3(s3, tmp_path_factory):
     return f"s3://{BUCKET}/photos/"
 
 
-def test_build_to_s3_survives_a_lost_node_and_equals_a_local_build(cluster, s3, photos_in_s3, vaes, tmp_path):
-    spaces = ["--space", f"v1={vaes['v1']}", "--space", f"xl={vaes['xl']}"]
-    local = tmp_path / "local"
-    ok(cli(cluster, s3, "data", "build", "--images", photos_in_s3, *spaces, *BUILD, "--out", str(local)))
+def _spaces(vaes) -> list[str]:
+    return ["--space", f"v1={vaes['v1']}", "--space", f"xl={vaes['xl']}"]
+
+
+@pytest.fixture(scope="module")
+def local_build(cluster, s3, photos_in_s3, vaes, tmp_path_factory) -> Path:
+    """The photos in the bucket built on the cluster into a local folder, uninterrupted: what every build to S3
+    must equal, byte for byte."""
+    local = tmp_path_factory.mktemp("local-build") / "data"
+    ok(cli(cluster, s3, "data", "build", "--images", photos_in_s3, *_spaces(vaes), *BUILD, "--out", str(local)))
+    return local
+
+
+def test_build_to_s3_survives_a_lost_node_and_equals_a_local_build(cluster, s3, photos_in_s3, vaes, local_build):
+    spaces, local = _spaces(vaes), local_build
     shards = len(list((local / "images").glob("part-*.parquet")))
     assert shards >= 12
 
@@ -67,6 +78,26 @@ def test_build_to_s3_survives_a_lost_node_and_equals_a_local_build(cluster, s3, 
     ok(cli(cluster, s3, "data", "add-space", "--data", uri, "--space", f"v3={vaes['v3']}", "--workers", "2",
            "--gpus-per-worker", "0"))
     assert len([r for r in s3.list(f"{uri}/latents/v3") if r.endswith(".parquet")]) == shards
+
+
+def test_ray_job_submit_runs_the_readme_recipe_on_the_cluster(cluster, s3, photos_in_s3, vaes, local_build):
+    """`ray job submit -- interposer data build ...` through the head's Jobs API, as the README's cluster recipe
+    runs it: the entrypoint runs on the head with RAY_ADDRESS set by Ray, the S3 settings of the head's profile."""
+    import json
+    import subprocess
+    import sys
+
+    uri = f"s3://{BUCKET}/datasets/job-submitted"
+    dashboard = "http://" + cluster.head_node.address_info["webui_url"]
+    entrypoint = [sys.executable, "-m", "interposer", "data", "build", "--images", photos_in_s3, *_spaces(vaes),
+                  *BUILD, "--out", uri]
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    result = subprocess.run([ray_cli, "job", "submit", "--address", dashboard, "--runtime-env-json",
+                             json.dumps({"env_vars": {"HF_HUB_OFFLINE": "1"}}), "--", *entrypoint],
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "RAY_ADDRESS": ""})
+    assert result.returncode == 0 and "succeeded" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "[data] done:" in result.stdout  # our own progress, streamed back by the Jobs API
+    assert digest_s3(s3, uri) == digest_local(local_build)
 
 
 @pytest.mark.parametrize("case, argv, env, code, message", [
@@ -122,3 +153,21 @@ def test_a_node_without_the_s3_settings_is_named_in_one_line(cluster, s3, photos
     assert " on node " in lines[0] and "this node has no AWS_ENDPOINT_URL" in lines[0], lines[0]
     assert "cluster.yaml" in lines[0] and s3.env["AWS_SECRET_ACCESS_KEY"] not in result.stderr
     assert s3.list(uri) == []  # refused before anything was written
+
+
+def test_a_local_path_missing_on_a_node_is_named_in_one_line(cluster, s3, tmp_path):
+    """What every command that loads a VAE from this machine's disk checks on a cluster: each node sees the path
+    (nodes on other hosts do not share this disk; here every node shares it, so the path is missing on all)."""
+    code = ("import ray; from interposer.pipeline.run import check_nodes; ray.init(); "
+            f"check_nodes(ray, [], [({str(tmp_path / 'vae')!r}, '--space v1=VAE')])")
+    import subprocess
+    import sys
+
+    from clusters import RAY_ENV
+
+    env = {**os.environ, **s3.env, **RAY_ENV, "RAY_ADDRESS": cluster.address}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("interposer.pipeline.run.NodeSettingsError: --space v1=VAE: ") and "is not on node" in last
+    assert "cluster.yaml's file_mounts" in last, last

@@ -212,9 +212,11 @@ def train(cfg: TrainConfig, spec: RunSpec) -> Path | str:
     started = start_ray(log_to_driver=True)
     try:
         if os.environ.get("RAY_ADDRESS"):  # a cluster: every node reaches the bucket, or one line names the node
-            from interposer.pipeline.objectstore import check_nodes
+            from interposer.pipeline.run import check_nodes
 
-            check_nodes(ray, [(spec.data, "--data"), (spec.out, "--out")])
+            vae = manifest.spaces[cfg.dst].vae if cfg.loss.decoded_loss_weight else None  # loaded on every rank
+            check_nodes(ray, [(spec.data, "--data"), (spec.out, "--out")],
+                        [(vae, f"the {cfg.dst} VAE of {spec.data}")] if vae and os.path.isabs(vae) else [])
         storage = os.path.abspath(os.path.expanduser(spec.out)) if _local(spec.out) else spec.out
         request = worker_request(cfg, int(ray.cluster_resources().get("CPU", 1)))
         cpus = int(request["CPU"])

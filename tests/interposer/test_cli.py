@@ -177,3 +177,19 @@ def test_a_local_looking_path_is_never_looked_up_on_the_hub(tmp_path, monkeypatc
     (tmp_path / "runs").mkdir()
     with pytest.raises(FileNotFoundError, match=r"no interposer folder 'runs/typo'"):
         load_interposer("runs/typo")
+
+
+def test_a_ctrl_c_dropped_in_a_finalizer_is_raised_again():
+    """Python drops a KeyboardInterrupt raised inside a weakref callback ("Exception ignored"); under load a
+    Ctrl-C landed there and the build ran to the end. The command's hook sends it again."""
+    import subprocess
+    import sys
+
+    code = ("import time, weakref; from interposer.cli import _keep_ctrl_c; _keep_ctrl_c()\n"
+            "class A: pass\n"
+            "def cb(_): raise KeyboardInterrupt\n"
+            "a = A(); r = weakref.ref(a, cb)\n"
+            "try:\n    del a; time.sleep(5); print('not interrupted')\n"
+            "except KeyboardInterrupt:\n    print('interrupted')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "interrupted", result.stdout + result.stderr

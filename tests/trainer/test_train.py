@@ -140,7 +140,8 @@ def test_worker_killed_mid_run_resumes_bit_exactly(reference, dataset, ray_sessi
     _assert_same(runs / "killed-worker", reference)
 
 
-@pytest.mark.parametrize("workers", [2, 1])
+# 2 workers: tests/trainer/test_s3_cluster_train.py loses the driver of a 2-rank run on a 3-node cluster, in S3
+@pytest.mark.parametrize("workers", [1])
 def test_driver_killed_mid_run_then_rerun_resumes_bit_exactly(workers, reference, dataset, ray_session, tmp_path,
                                                               capsys):
     runs = tmp_path / "runs"
