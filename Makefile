@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 TORCH  ?= torch==2.13.0
 
-.PHONY: test demo venv bench rehearsal clean
+.PHONY: test test-fast demo venv bench rehearsal clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -20,6 +20,10 @@ venv: $(VENV)/.installed
 
 test: venv
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
+
+test-fast: venv  # the edit loop: every test but the slow end-to-end runs (make test runs all, as CI)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow" tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 
 demo: venv

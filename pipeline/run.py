@@ -143,17 +143,21 @@ def plan_encoders(workers: int, gpus_per_worker: float, cluster: dict[str, float
     if per == 0:
         n = workers or 1
         cpus = max(1, cpus_now // n)  # torch's threads in each actor use the CPUs Ray reserved for it
-        return EncoderPlan(0.0, float(cpus), n, n, cpus, 1, False)
+        return EncoderPlan(gpus=0.0, cpus=float(cpus), min_workers=n, max_workers=n, threads=cpus, decode_threads=1,
+                           wait_for_gpus=False)
     if gpus_now == 0 and not cluster_mode:
         raise ValueError(f"--gpus-per-worker {per:g}: this machine has no GPU Ray can use; "
                          "pass --gpus-per-worker 0 to encode on CPU")
     cpus = ENCODER_CPUS + decode_threads
     if workers:
-        return EncoderPlan(per, cpus, workers, workers, 1, decode_threads, gpus_now < per * workers and cluster_mode)
+        return EncoderPlan(gpus=per, cpus=cpus, min_workers=workers, max_workers=workers, threads=1,
+                           decode_threads=decode_threads, wait_for_gpus=gpus_now < per * workers and cluster_mode)
     if cluster_mode:  # one per GPU as GPU nodes join: Ray Data grows the pool, the autoscaler adds nodes
-        return EncoderPlan(per, cpus, 1, None, 1, decode_threads, gpus_now < per)
+        return EncoderPlan(gpus=per, cpus=cpus, min_workers=1, max_workers=None, threads=1,
+                           decode_threads=decode_threads, wait_for_gpus=gpus_now < per)
     n = max(1, int(gpus_now / per))
-    return EncoderPlan(per, cpus, n, n, 1, decode_threads, False)
+    return EncoderPlan(gpus=per, cpus=cpus, min_workers=n, max_workers=n, threads=1, decode_threads=decode_threads,
+                       wait_for_gpus=False)
 
 
 def wait_for_gpus(ray, plan: EncoderPlan, timeout: float, say: Callable[[str], None], poll: float = 5.0) -> None:

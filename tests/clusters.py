@@ -37,9 +37,17 @@ def environment(values: dict):
                 os.environ[k] = v
 
 
+def node_ports() -> dict:
+    """Ports of a node's own that Ray otherwise fixes (the dashboard agent's HTTP port, 52365): several Ray
+    instances on one machine (another test's local Ray, the other nodes) must not meet on them."""
+    from seaweed import free_port
+
+    return dict(dashboard_agent_listen_port=free_port())
+
+
 def add_node(cluster, s3, **env):
     with environment({**s3.env, **RAY_ENV, **env}):
-        node = cluster.add_node(num_cpus=1)
+        node = cluster.add_node(num_cpus=1, **node_ports())
     cluster.wait_for_nodes()
     return node
 

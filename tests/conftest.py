@@ -100,7 +100,7 @@ def vaes(tmp_path_factory) -> dict[str, Path]:
 
 # ----------------------------------------------------- a real S3 server and a real multi-node Ray cluster
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """A real S3 server (SeaweedFS) on loopback with the bucket BUCKET; stopped by its pid at the end."""
     from clusters import BUCKET
@@ -111,11 +111,11 @@ def s3(tmp_path_factory):
         yield server
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def cluster(s3):
     """A three-node Ray cluster on this machine (a head with no CPUs, as cluster.yaml's, and two one-CPU worker
     nodes, each its own raylet and object store), every node with the S3 settings in its environment."""
-    from clusters import RAY_ENV, environment
+    from clusters import RAY_ENV, environment, node_ports
 
     from ray.cluster_utils import Cluster
 
@@ -125,9 +125,10 @@ def cluster(s3):
             from seaweed import free_port
 
             # the head: no CPUs, and the dashboard with its Jobs API (`ray job submit`), as cluster.yaml's
-            c.add_node(num_cpus=0, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=free_port())
+            c.add_node(num_cpus=0, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=free_port(),
+                       **node_ports())
             for _ in range(2):
-                c.add_node(num_cpus=1)
+                c.add_node(num_cpus=1, **node_ports())
             c.wait_for_nodes()
         yield c
     finally:

@@ -40,6 +40,7 @@ def test_cluster_yaml_is_valid_and_fits_what_the_commands_ask_for():
     assert "train_gpu" in fits(train, n=4)  # `--gpu --workers 4` fits one train node
 
 
+@pytest.mark.slow
 def test_quick_demo_runs_the_whole_chain(tmp_path, ray_session):
     from helpers import run
 
@@ -75,6 +76,7 @@ def test_one_import_root(tmp_path):
     assert offenders == []
 
 
+@pytest.mark.slow
 def test_a_killed_command_leaves_no_local_ray_process_behind(tmp_path):
     """SIGKILL of a command that started local Ray: its watchdog ends what Ray leaves (the raylet's
     DashboardAgent and RuntimeEnvAgent were left running, one ignoring SIGTERM). Only the processes below

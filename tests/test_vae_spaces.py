@@ -103,6 +103,7 @@ def new_dataset(ray_session, photos, vaes, new_vaes, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_build_add_space_train_and_convert_with_no_registry_entry(new_dataset, new_vaes, ray_session, tmp_path):
     from interposer.pipeline.build import AddSpaceConfig, add_space
     from interposer.pipeline.schema import read_manifest

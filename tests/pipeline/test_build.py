@@ -140,6 +140,7 @@ def test_add_space_leaves_existing_files_untouched(clean, vaes, tmp_path):
     assert _digest(full / "latents" / "fx") == _digest(data / "latents" / "fx")
 
 
+@pytest.mark.slow
 def test_sigkill_at_five_random_moments_then_rerun_equals_a_clean_build(ray_session, sources, vaes, tmp_path):
     import random
 
@@ -277,6 +278,7 @@ def _synthetic_images(folder: Path, n: int, side: int) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_sigkill_after_half_the_shards_keeps_them_on_disk_and_the_rerun_is_identical(ray_session, tmp_path):
     from interposer.pipeline.standins import make_standin_vae
 

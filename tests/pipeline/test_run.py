@@ -44,7 +44,8 @@ def test_asking_for_gpus_on_a_machine_without_one_is_refused():
 
 def test_waiting_for_gpus_that_never_come_ends_in_one_line(ray_session):
     said = []
-    plan = EncoderPlan(1.0, 4.0, 1, None, 1, 3, True)
+    plan = EncoderPlan(gpus=1.0, cpus=4.0, min_workers=1, max_workers=None, threads=1, decode_threads=3,
+                       wait_for_gpus=True)
     with pytest.raises(ClusterUnavailable, match=r"no GPU joined the Ray cluster within 1 s \(asked for 1\); .*"
                                                  r"pass --gpus-per-worker 0 to encode on CPU"):
         wait_for_gpus(ray_session, plan, timeout=1, say=said.append, poll=0.2)

@@ -24,6 +24,7 @@ def _one_line(result, rc: int, text: str) -> None:
     assert len(result.stderr.strip().splitlines()) == 1 and text in result.stderr, result.stderr
 
 
+@pytest.mark.slow
 def test_commands_that_read_a_dataset_exit_cleanly_every_time(dataset, reference, tmp_path):
     """The process used to abort at exit now and then (SIGABRT, status 134: Arrow's pool threads released
     buffers over Python bytes, taking the GIL while the interpreter ended): 20 clean exits of each reader of

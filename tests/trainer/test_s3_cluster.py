@@ -1,18 +1,25 @@
 """Datasets and runs in a real S3 server (SeaweedFS on loopback), on a real three-node Ray cluster on this machine
 (a head with no CPUs, as cluster.yaml's, and two one-CPU worker nodes, each its own raylet and object store), with
-worker nodes lost without grace mid-build and mid-train. Every command goes through the CLI, as `ray job submit`
-sends it, with RAY_ADDRESS naming the cluster and the S3 settings in the standard AWS variables."""
+worker nodes lost without grace mid-build and mid-train, and the driver lost mid-train. Every command goes through
+the CLI, as `ray job submit` sends it, with RAY_ADDRESS naming the cluster and the S3 settings in the standard AWS
+variables. The server and the cluster live for this module only (their processes would slow every later test)."""
 
+import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from clusters import BUCKET, add_node, cli, digest_local, digest_s3, ok, start
+from helpers import TINY_TRAIN as TINY
+
+pytestmark = pytest.mark.slow  # a real S3 server and a three-node Ray cluster (make test-fast skips)
 
 BUILD = ["--tile-size", "64", "--max-tiles", "2", "--min-size", "64", "--shard-size", "1", "--gpus-per-worker", "0",
          "--workers", "2"]
@@ -83,7 +90,6 @@ def test_build_to_s3_survives_a_lost_node_and_equals_a_local_build(cluster, s3, 
 def test_ray_job_submit_runs_the_readme_recipe_on_the_cluster(cluster, s3, photos_in_s3, vaes, local_build):
     """`ray job submit -- interposer data build ...` through the head's Jobs API, as the README's cluster recipe
     runs it: the entrypoint runs on the head with RAY_ADDRESS set by Ray, the S3 settings of the head's profile."""
-    import json
     import subprocess
     import sys
 
@@ -92,9 +98,14 @@ def test_ray_job_submit_runs_the_readme_recipe_on_the_cluster(cluster, s3, photo
     entrypoint = [sys.executable, "-m", "interposer", "data", "build", "--images", photos_in_s3, *_spaces(vaes),
                   *BUILD, "--out", uri]
     ray_cli = str(Path(sys.executable).with_name("ray"))
-    result = subprocess.run([ray_cli, "job", "submit", "--address", dashboard, "--runtime-env-json",
-                             json.dumps({"env_vars": {"HF_HUB_OFFLINE": "1"}}), "--", *entrypoint],
-                            capture_output=True, text=True, timeout=300, env={**os.environ, "RAY_ADDRESS": ""})
+    deadline = time.time() + 120
+    while True:  # right after nodes come and go the head may not know a job agent yet: Ray says to try again
+        result = subprocess.run([ray_cli, "job", "submit", "--address", dashboard, "--runtime-env-json",
+                                 json.dumps({"env_vars": {"HF_HUB_OFFLINE": "1"}}), "--", *entrypoint],
+                                capture_output=True, text=True, timeout=300, env={**os.environ, "RAY_ADDRESS": ""})
+        if "No available agent to submit job" not in result.stderr or time.time() > deadline:
+            break
+        time.sleep(2)
     assert result.returncode == 0 and "succeeded" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
     assert "[data] done:" in result.stdout  # our own progress, streamed back by the Jobs API
     assert digest_s3(s3, uri) == digest_local(local_build)
@@ -171,3 +182,69 @@ def test_a_local_path_missing_on_a_node_is_named_in_one_line(cluster, s3, tmp_pa
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("interposer.pipeline.run.NodeSettingsError: --space v1=VAE: ") and "is not on node" in last
     assert "cluster.yaml's file_mounts" in last, last
+
+
+def _registered_steps(s3, run: str) -> list[int]:
+    """Checkpoint steps Ray Train has recorded in the run's snapshot in the bucket (only those are resumed)."""
+    try:
+        snapshot = json.loads(s3.get_bytes(f"{run}/checkpoint_manager_snapshot.json"))
+    except (OSError, json.JSONDecodeError):
+        return []
+    return sorted(int(r["metrics"]["step"]) for r in snapshot["checkpoint_results"])
+
+
+def _wait_for_checkpoint(s3, run: str, proc, timeout: float = 240) -> list[int]:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        steps = _registered_steps(s3, run)
+        if steps:
+            return steps
+        time.sleep(0.1)
+    out = proc.stdout.read() if proc.poll() is not None else ""
+    raise AssertionError(f"no checkpoint appeared in {run} (exit code {proc.poll()}): {out[-8000:]}")
+
+
+def test_train_in_s3_on_two_nodes_survives_a_lost_node_and_a_lost_driver(cluster, s3, dataset, reference, tmp_path):
+    """2 ranks, one per worker node; a node lost after the first checkpoint, then the driver lost. Both runs must
+    end with the weights of the uninterrupted local run (`reference`), bit for bit."""
+    data, runs = f"s3://{BUCKET}/datasets/train-xl-v1", f"s3://{BUCKET}/runs"
+    s3.put_folder(dataset, data)  # the very dataset `reference` trained on, now in the bucket
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({k: v for k, v in TINY.items() if k not in ("src", "dst")}))
+    argv = ["train", "--data", data, "--src", "xl", "--dst", "v1", "--out", runs, "--config", str(config)]
+    expected = (reference / "export" / "model.safetensors").read_bytes()
+
+    # a worker node lost without grace after the first checkpoint: Ray Train resumes by itself on a new node
+    proc = start(cluster, s3, *argv, "--name", "lost-node")
+    try:
+        steps = _wait_for_checkpoint(s3, f"{runs}/lost-node", proc)
+        cluster.remove_node(next(iter(cluster.worker_nodes)), allow_graceful=False)
+        add_node(cluster, s3)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, out[-3000:]
+    assert max(steps) < TINY["steps"], "the loss should land mid-run"
+    resumed = [int(s) for s in re.findall(r"\[train\] resuming from step (\d+)", out)]
+    assert resumed and resumed[0] >= max(steps), out[-3000:]
+    assert s3.get_bytes(f"{runs}/lost-node/export/model.safetensors") == expected
+
+    # the driver lost (the whole job): the same command resumes from the latest checkpoint in the bucket
+    proc = start(cluster, s3, *argv, "--name", "lost-driver")
+    try:
+        _wait_for_checkpoint(s3, f"{runs}/lost-driver", proc)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    result = ok(cli(cluster, s3, *argv, "--name", "lost-driver"))
+    assert "(resuming)" in result.stdout and "resumed from step" in result.stdout, result.stdout[-2000:]
+    assert s3.get_bytes(f"{runs}/lost-driver/export/model.safetensors") == expected
+
+    # evaluated and staged for the Hub straight from the bucket
+    result = ok(cli(cluster, s3, "eval", "--model", f"{runs}/lost-node", "--data", data, "--limit", "4"))
+    assert f"wrote {runs}/lost-node/export/eval.json" in result.stdout
+    assert "eval.json" in s3.list(f"{runs}/lost-node/export")
+    result = ok(cli(cluster, s3, "publish", "--model", f"{runs}/lost-node", "--repo", "me/xl-to-v1", "--dry-run"))
+    assert "would push to me/xl-to-v1" in result.stdout and "eval.json" in result.stdout
