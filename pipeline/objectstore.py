@@ -15,7 +15,7 @@ import urllib.parse
 import pyarrow.fs as pafs
 
 REACH_TIMEOUT = 5.0  # seconds for the endpoint to accept a connection
-WHERE = "cluster.yaml's setup/environment or the node's profile"
+WHERE = "cluster.yaml's docker run_options or the node's profile"
 
 
 class StoreUnreachable(ConnectionError):
@@ -29,6 +29,14 @@ def is_remote(uri: str) -> bool:
 def endpoint() -> str:
     """The S3 endpoint this process uses: AWS_ENDPOINT_URL(_S3), else AWS's own for the region."""
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
+
+
+def bucket_info(uri: str, flag: str) -> pafs.FileInfo:
+    """The bucket of `uri` as this process sees it (one request, after the endpoint accepts a connection);
+    raises the filesystem's own OSError, which `explain` turns into one line."""
+    fs, path = pafs.FileSystem.from_uri(uri)
+    _check_reachable(uri, flag)
+    return fs.get_file_info(path.split("/", 1)[0])
 
 
 def _check_reachable(uri: str, flag: str) -> None:
@@ -71,13 +79,14 @@ def check_uri(uri: str, flag: str) -> None:
     if not is_remote(uri):
         return
     try:
-        fs, path = pafs.FileSystem.from_uri(uri)
+        _, path = pafs.FileSystem.from_uri(uri)
     except (ValueError, OSError) as e:
         raise ValueError(f"{flag} {uri}: not a URI pyarrow can open ({e})") from None
-    _check_reachable(uri, flag)
     bucket = path.split("/", 1)[0]
     try:
-        info = fs.get_file_info(bucket)
+        info = bucket_info(uri, flag)
+    except StoreUnreachable:
+        raise
     except OSError as e:
         raise explain(e, uri, flag) or e from None
     if info.type == pafs.FileType.NotFound:

@@ -50,10 +50,9 @@ def on_cluster() -> bool:
 
 def _check_here(uris: list[tuple[str, str]], paths: list[tuple[str, str]], driver_has: list[str]) -> str | None:
     """On one node: the first URI or local path this node cannot use, as its one-line error (None: all fine)."""
-    import pyarrow.fs as pafs
     import ray
 
-    from .objectstore import _check_reachable, explain
+    from .objectstore import bucket_info, explain
 
     node = f"{ray.util.get_node_ip_address()} ({ray.get_runtime_context().get_node_id()[:8]})"
     for path, what in paths:
@@ -62,9 +61,7 @@ def _check_here(uris: list[tuple[str, str]], paths: list[tuple[str, str]], drive
                     "same path (cluster.yaml's file_mounts), or give a Hub repo id")
     for uri, flag in uris:
         try:
-            fs, path = pafs.FileSystem.from_uri(uri)
-            _check_reachable(uri, flag)
-            fs.get_file_info(path.split("/", 1)[0])
+            bucket_info(uri, flag)
         except OSError as e:
             known = explain(e, uri, flag, node)
             missing = [k for k in driver_has if not os.environ.get(k)]
