@@ -253,10 +253,10 @@ class DatasetFiles:
         from interposer.files import write_bytes_durably
 
         target = self.path(rel)
-        self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
         if self.local:
+            self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
             write_bytes_durably(target, data)
-        else:
+        else:  # no folders in an object store: a "folder" marker would be one more request per file
             with self.fs.open_output_stream(target) as f:
                 f.write(data)
 

@@ -8,7 +8,8 @@ every VAE, write its files. `ShardWorker` is the plain callable class Ray Data m
 
 What a worker holds: one shard's latents until they are written (64 images x 6 tiles x 128 KiB a space at
 1024 px: 48 MiB per space) and at most `decode_threads + 1` decoded images. Files are written latents first,
-then tiles, then images: an images file under its real name means the whole shard is on disk.
+and tiles (together: while they are written, each space's file bytes are held too, about as much again),
+then images: an images file under its real name means the whole shard is on disk.
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ class ShardWorker:
         self.encoder = TileEncoder(specs, device=device, batch_size=batch_size)
         self.pool = ThreadPoolExecutor(max(1, decode_threads), thread_name_prefix="decode")
         self.ahead = max(1, decode_threads)
+        self.writers = ThreadPoolExecutor(4, thread_name_prefix="write")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         shards = [int(s) for s in batch["shard"]]
@@ -135,10 +137,11 @@ class ShardWorker:
                 if stds is not None:
                     std[space].append(stds[ok])
         keys = [t["tile_key"] for t in tile_rows]
-        for space, shape in self.shapes.items():
-            table = _latents(keys, lat[space], std[space] if self.store_std else None, shape)
-            self.store.write_table(latents_path(space, shard), table, LATENT_ROWS_PER_GROUP)
-        self.store.write_table(tiles_path(shard), pa.Table.from_pylist(tile_rows, schema=TILES_SCHEMA))
+        files = [(latents_path(space, shard), _latents(keys, lat[space], std[space] if self.store_std else None,
+                                                       shape), LATENT_ROWS_PER_GROUP)
+                 for space, shape in self.shapes.items()]
+        files.append((tiles_path(shard), pa.Table.from_pylist(tile_rows, schema=TILES_SCHEMA), None))
+        self.store.write_tables(files, self.writers)  # together: to S3 each file is a round trip
         summary = dict(images=len(image_rows), images_ok=sum(r["status"] == "ok" for r in image_rows),
                        tiles=len(tile_rows), skipped=dict(sorted(skipped.items())))
         self.store.write_table(images_path(shard), images_table(image_rows, summary))  # last: marks it done

@@ -7,6 +7,7 @@ an object visible only once its upload completes. Either way a reader never sees
 from __future__ import annotations
 
 import io
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 import pyarrow as pa
@@ -50,6 +51,14 @@ class Store(DatasetFiles):
 
     def write_table(self, rel: str, table: pa.Table, row_group_size: int | None = None) -> None:
         self.write_bytes(rel, table_bytes(table, row_group_size))
+
+    def write_tables(self, files: list[tuple[str, pa.Table, int | None]], pool: ThreadPoolExecutor) -> None:
+        """Write several (rel, table, row_group_size) files at once on `pool` (to an object store each file is
+        a round trip: together they cost about one); returns once all are written, raises the first error."""
+        futures = [pool.submit(self.write_table, *f) for f in files]
+        wait(futures)
+        for f in futures:
+            f.result()
 
     def shards_present(self, folder: str) -> set[int]:
         """Shard numbers with a part-NNNNN.parquet file in `folder`, from one listing."""

@@ -55,7 +55,7 @@ def _is_local(checkpoint) -> bool:
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import torch.distributed as dist
-    from ray.train import Checkpoint
+    from ray.train import Checkpoint, CheckpointUploadMode
 
     from interposer.pipeline.schema import read_manifest
 
@@ -169,10 +169,15 @@ def train_loop_per_worker(config: dict) -> None:
                         writer.add_scalar(k, v, done)
                 writer.flush()
         if save and rank == 0:
-            with tempfile.TemporaryDirectory() as folder:
-                save_checkpoint(folder, unwrap(primary), unwrap(secondary), optims, done, cursors,
-                                rngs, cfg.to_dict(), config["fingerprint"])
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
+            folder = tempfile.mkdtemp(prefix="interposer-checkpoint-")  # Ray Train removes it once uploaded
+            save_checkpoint(folder, unwrap(primary), unwrap(secondary), optims, done, cursors,
+                            rngs, cfg.to_dict(), config["fingerprint"])
+            # A routine checkpoint uploads on Ray Train's thread while training goes on (to S3 it is seconds of
+            # round trips); the last one, and one made on a preemption notice, are in storage before we go on.
+            last = done == cfg.schedule.steps or preempted
+            upload = CheckpointUploadMode.SYNC if last else CheckpointUploadMode.ASYNC
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder), checkpoint_upload_mode=upload,
+                             delete_local_checkpoint_after_upload=True)
         else:
             ray.train.report(metrics)
     stream.close()

@@ -140,36 +140,6 @@ def test_add_space_leaves_existing_files_untouched(clean, vaes, tmp_path):
     assert _digest(full / "latents" / "fx") == _digest(data / "latents" / "fx")
 
 
-@pytest.mark.slow
-def test_sigkill_at_five_random_moments_then_rerun_equals_a_clean_build(ray_session, sources, vaes, tmp_path):
-    import random
-
-    cfg = _cfg(sources, vaes, tmp_path / "killed", shard_size=1, gpus_per_worker=0)
-    reference = tmp_path / "reference"
-    build(_cfg(sources, vaes, reference, shard_size=1, gpus_per_worker=0))
-    cmd = [sys.executable, "-m", "interposer.pipeline", "build", "--images", str(sources), "--out", cfg.out,
-           "--space", f"v1={vaes['v1']}", "--space", f"xl={vaes['xl']}", "--tile-size", str(TILE),
-           "--max-tiles", "3", "--min-size", "100", "--shard-size", "1", "--gpus-per-worker", "0"]
-    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
-    rng = random.Random(7)
-    landed, progress = 0, []
-    for _ in range(5):  # start-up, VAE checks, indexing, mid-shard, between shards: wherever it falls
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
-        deadline = time.time() + rng.uniform(1.0, 8.0)
-        while time.time() < deadline and proc.poll() is None:
-            time.sleep(0.02)
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            landed += 1
-        proc.wait()
-        progress.append(len(list((tmp_path / "killed").glob("images/part-*.parquet"))))
-    assert landed >= 3, f"most kills should land mid-build ({landed} did; shards done after each: {progress})"
-    build(cfg)
-    assert _digest(tmp_path / "killed") == _digest(reference)
-    assert not list((tmp_path / "killed").rglob("*.tmp"))
-
-
 def test_inspect_reports_per_channel_statistics(clean):
     info = inspect_dataset(str(clean))
     lat = read_latents(pq.read_table(clean / "latents" / "v1")).astype(np.float64)
@@ -279,10 +249,13 @@ def _synthetic_images(folder: Path, n: int, side: int) -> Path:
 
 
 @pytest.mark.slow
-def test_sigkill_after_half_the_shards_keeps_them_on_disk_and_the_rerun_is_identical(ray_session, tmp_path):
+def test_sigkill_at_every_stage_keeps_finished_shards_and_the_rerun_is_identical(ray_session, tmp_path):
+    """The build SIGKILLed (with its process group) at each stage in turn, each run going on from the last: while
+    starting, once the manifest is written (indexing), at its first shard, past half the shards. Kills are placed by
+    polling files, not by timing, so they land at the same stage on any machine."""
     from interposer.pipeline.standins import make_standin_vae
 
-    # wider stand-ins and 128 px tiles: a shard takes a visible fraction of a second, so the kill lands mid-build
+    # wider stand-ins and 128 px tiles: a shard takes a visible fraction of a second, so the kills land mid-build
     wide = {c: make_standin_vae(c, tmp_path / f"vae-{c}", seed=i, width=32) for i, c in enumerate(("v1", "xl"))}
     images = _synthetic_images(tmp_path / "images", 24, 256)
     kw = dict(tile_size=128, max_tiles=4, min_size=64, shard_size=2, gpus_per_worker=0, quiet=True)
@@ -296,29 +269,31 @@ def test_sigkill_after_half_the_shards_keeps_them_on_disk_and_the_rerun_is_ident
            "--tile-size", "128", "--max-tiles", "4", "--min-size", "64", "--shard-size", "2", "--gpus-per-worker", "0"]
     cmd += [a for c, p in wide.items() for a in ("--space", f"{c}={p}")]
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline, done = time.time() + 240, 0
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            done = len(list(out.glob("images/part-*.parquet")))
-            if done > shards // 2:
-                break
-            time.sleep(0.02)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert shards // 2 < done < shards, f"the kill should land after half the shards and before the end ({done})"
-    on_disk = sorted(out.glob("images/part-*.parquet"))
-    assert len(on_disk) >= done  # nothing already written was lost
-    for images_file in on_disk:  # each shard marked done is complete: readable tiles and every space's latents
+    done = lambda: len(list(out.glob("images/part-*.parquet")))  # noqa: E731
+    stages = {"starting": lambda t0: time.time() - t0 > 0.5, "indexing": lambda t0: (out / "manifest.json").exists(),
+              "first shard": lambda t0: done() >= 1, "past half": lambda t0: done() > shards // 2}
+    for stage, reached in stages.items():
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+        t0, deadline = time.time(), time.time() + 240
+        try:
+            while time.time() < deadline and proc.poll() is None and not reached(t0):
+                time.sleep(0.02)
+        finally:
+            alive = proc.poll() is None
+            if alive:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        assert alive and reached(t0), f"the kill '{stage}' should land mid-build ({done()} of {shards} shards)"
+    assert done() < shards
+    for images_file in sorted(out.glob("images/part-*.parquet")):  # each shard marked done is whole
         name = images_file.name
         tiles = pq.read_table(out / "tiles" / name).num_rows
         assert tiles == sum(pq.read_table(images_file).column("tiles").to_pylist())
         assert all(pq.read_table(out / "latents" / c / name).num_rows == tiles for c in wide)
     build(BuildConfig(images=[str(images)], spaces=[f"{c}={p}" for c, p in wide.items()], out=str(out), **kw))
     assert _digest(out) == _digest(tmp_path / "reference")
+    assert not list(out.rglob("*.tmp"))
 
 
 def test_every_registry_space_builds_with_a_stand_in_of_its_class(ray_session, photos, vaes, tmp_path):

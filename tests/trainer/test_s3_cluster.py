@@ -87,6 +87,32 @@ def test_build_to_s3_survives_a_lost_node_and_equals_a_local_build(cluster, s3, 
     assert len([r for r in s3.list(f"{uri}/latents/v3") if r.endswith(".parquet")]) == shards
 
 
+def test_build_to_s3_killed_then_rerun_equals_a_local_build(cluster, s3, photos_in_s3, vaes, local_build):
+    """The driver SIGKILLed (with its process group) once a third of the shards are in the bucket: the same command
+    finishes the build, encoding only what is missing, byte for byte the local build."""
+    spaces = _spaces(vaes)
+    shards = len(list((local_build / "images").glob("part-*.parquet")))
+    uri = f"s3://{BUCKET}/datasets/lost-driver"
+    argv = ["data", "build", "--images", photos_in_s3, *spaces, *BUILD, "--out", uri]
+    proc = start(cluster, s3, *argv)
+    deadline, done = time.time() + 240, 0
+    try:
+        while time.time() < deadline and proc.poll() is None and done < shards // 3:
+            done = len([r for r in s3.list(f"{uri}/images") if r.endswith(".parquet")])
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    landed = len([r for r in s3.list(f"{uri}/images") if r.endswith(".parquet")])
+    assert shards // 3 <= landed < shards, landed
+    assert not json.loads(s3.get_bytes(f"{uri}/manifest.json"))["complete"]
+    result = ok(cli(cluster, s3, *argv))
+    assert f"resuming {uri}" in result.stdout, result.stdout[-2000:]
+    todo = int(re.search(r"(\d+) shards, (\d+) to encode", result.stdout).group(2))
+    assert todo <= shards - landed, result.stdout[-2000:]  # the landed shards are not encoded again
+    assert digest_s3(s3, uri) == digest_local(local_build)
+
+
 def test_ray_job_submit_runs_the_readme_recipe_on_the_cluster(cluster, s3, photos_in_s3, vaes, local_build):
     """`ray job submit -- interposer data build ...` through the head's Jobs API, as the README's cluster recipe
     runs it: the entrypoint runs on the head with RAY_ADDRESS set by Ray, the S3 settings of the head's profile."""
