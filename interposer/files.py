@@ -8,6 +8,12 @@ from pathlib import Path
 from typing import Callable
 
 
+def absolute(location: str) -> str:
+    """A URI (s3://...) as it is; a local path absolute, ~ expanded: what travels to workers in other folders
+    or on other nodes, and what a record keeps so a rerun from elsewhere means the same place."""
+    return location if "://" in location else os.path.abspath(os.path.expanduser(location))
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

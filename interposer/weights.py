@@ -111,10 +111,8 @@ def save_interposer(model: InterposerModel, folder: str | Path, src: str, dst: s
     """Write our format (model.safetensors + config.json) into `folder`, each file atomically."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    _check_pair(model, src, dst, "model")
     s, d = get_space(src), get_space(dst)
-    if model.ch_in != s.channels or model.ch_out != d.channels:
-        raise ValueError(f"model maps {model.ch_in} -> {model.ch_out} channels but {s.code} -> {d.code} "
-                         f"needs {s.channels} -> {d.channels}")
     config = dict(architecture=model.architecture, **model.args(), src=s.code, dst=d.code, version=version,
                   layout="raw", spaces={s.code: s.to_dict(), d.code: d.to_dict()}, **(extra or {}))
     state = _cpu_state(model)
@@ -165,11 +163,12 @@ def _build(args: dict, state: dict[str, torch.Tensor], where: Path, architecture
     return model.eval()
 
 
-def _check_pair(model: InterposerModel, src: str, dst: str, where: Path) -> None:
+def _check_pair(model: InterposerModel, src: str, dst: str, where: str | Path) -> None:
+    """The model's channels are the pair's (`where`: the file or folder it came from, or "model")."""
     s, d = get_space(src), get_space(dst)
     if model.ch_in != s.channels or model.ch_out != d.channels:
-        raise ValueError(f"{where}: maps {model.ch_in} -> {model.ch_out} channels, "
-                         f"but {s.code} -> {d.code} needs {s.channels} -> {d.channels}")
+        raise ValueError(f"{where} maps {model.ch_in} -> {model.ch_out} channels but {s.code} -> {d.code} "
+                         f"needs {s.channels} -> {d.channels}")
 
 
 def register_spaces_of(weights: str | Path | None) -> list[str]:
@@ -207,7 +206,7 @@ def _load_folder(folder: Path, src: str | None, dst: str | None) -> InterposerMo
     if (src and get_space(src).code != f_src) or (dst and get_space(dst).code != f_dst):
         raise ValueError(f"{folder} converts {f_src} -> {f_dst}, not {get_space(src).code} -> {get_space(dst).code}")
     model = _build(args, _read_state(folder / WEIGHTS_NAME), folder, architecture)
-    _check_pair(model, f_src, f_dst, folder)
+    _check_pair(model, f_src, f_dst, f"{folder}:")
     model.src, model.dst, model.version, model.source = f_src, f_dst, str(config.get("version", "")), str(folder)
     return model
 
@@ -250,7 +249,7 @@ def _load_file(path: Path, src: str, dst: str, version: str) -> InterposerModel:
     if pair and pair != f"{get_space(src).code}->{get_space(dst).code}":
         raise ValueError(f"{path}: its header says {pair}, not {get_space(src).code} -> {get_space(dst).code}")
     model = _build(released_args(state, src, dst, path), state, path)
-    _check_pair(model, src, dst, path)
+    _check_pair(model, src, dst, f"{path}:")
     model.src, model.dst, model.version, model.source = get_space(src).code, get_space(dst).code, version, str(path)
     return model
 

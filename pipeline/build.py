@@ -14,12 +14,12 @@ Ray Data's block reference for it (~1 KB); the running counts. At 10M images and
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 
 from interposer import __version__
+from interposer.files import absolute
 from interposer.spaces import get_space, is_builtin
 
 from .encoder import VAESpec, load_vae, parse_space_arg, resolve_source, source_fingerprint
@@ -93,7 +93,7 @@ class BuildConfig(EncodeOptions):
         if not self.images or not self.out:
             raise ValueError("give --images and --out")
         # local sources and outputs are recorded absolute, so a rerun from another folder means the same data
-        self.images = [s if "://" in s else os.path.abspath(os.path.expanduser(s)) for s in self.images]
+        self.images = [absolute(s) for s in self.images]
         if self.min_size is None:  # small trials: 64 px tiles take images from 32 px, as 1024 px ones from 512
             self.min_size = max(1, self.tile_size // 2)
         for name in ("tile_size", "max_tiles", "min_size", "shard_size", "max_pixels"):

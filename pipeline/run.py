@@ -223,20 +223,25 @@ def run_shards(ray, todo: list[int], plan: EncoderPlan, worker_kwargs: dict) -> 
                                                    decode_threads=plan.decode_threads))
     try:
         for row in ds.iter_rows():
-            if row["error"]:
-                raise _error(row["error"])
+            if row["error_kind"]:
+                raise _error(row["error_kind"], row["error"])
             yield int(row["shard"]), json.loads(row["summary"]), (float(row["began"]), float(row["ended"]))
     finally:
-        # A run stopped early (an error row, the caller's exception) keeps its actors, and the CPUs/GPUs they
-        # hold, until Ray Data's executor is shut down; without `force` that waits for garbage collection.
-        executor = getattr(ds, "_current_executor", None)
-        if executor is not None:
-            executor.shutdown(force=True)
+        _stop_now(ds)
 
 
-def _error(text: str) -> Exception:
-    """The exception a ShardWorker reported as data (see ShardWorker.__call__)."""
+def _stop_now(ds) -> None:
+    """Release a dataset's actors now. A run stopped early (an error row, the caller's exception) keeps its
+    actors, and the CPUs/GPUs they hold, until Ray Data's executor is shut down, which otherwise waits for garbage
+    collection. Ray Data has no public call for this (Ray 2.60): the executor is its private `_current_executor`,
+    reached here and nowhere else; on a Ray without it, garbage collection does it later."""
+    executor = getattr(ds, "_current_executor", None)
+    if executor is not None:
+        executor.shutdown(force=True)
+
+
+def _error(kind: str, message: str) -> Exception:
+    """The exception a ShardWorker reported as data (see ShardWorker.__call__): its class by name, else OSError."""
     from .store import StoreWriteError
 
-    kind, _, message = text.partition(": ")
     return {"StoreWriteError": StoreWriteError, "FileNotFoundError": FileNotFoundError}.get(kind, OSError)(message)

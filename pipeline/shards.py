@@ -60,8 +60,9 @@ def _add(counts: dict[str, int], key: str, n: int = 1) -> None:
 
 class ShardWorker:
     """Encodes whole shards and writes their files where it runs. `__call__` takes a Ray Data batch of shard
-    numbers and returns one row per shard: {"shard", "summary" (JSON counts), "error" ("" or the OSError that
-    stopped it), "began"/"ended" (time.time() around the shard's work)}: metadata, never latents.
+    numbers and returns one row per shard: {"shard", "summary" (JSON counts), "error_kind" and "error" (the
+    class name and message of the OSError that stopped it, or ""), "began"/"ended" (time.time() around the shard's
+    work)}: metadata, never latents.
 
     With `add` set it adds that one space to finished shards (`data add-space`): the tiles are re-derived from
     the sources and the recorded boxes, and only latents/{add}/part-*.parquet is written."""
@@ -83,18 +84,21 @@ class ShardWorker:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         shards = [int(s) for s in batch["shard"]]
         run = self.add_to_shard if self.add else self.build_shard
-        summaries, errors, began, ended = [], [], [], []
+        summaries, kinds, errors, began, ended = [], [], [], [], []
         for s in shards:
             began.append(time.time())  # wall clock: the driver compares it with when the shard landed
+            summary, kind, error = "", "", ""
             try:
-                summaries.append(json.dumps(run(s), sort_keys=True))
-                errors.append("")
+                summary = json.dumps(run(s), sort_keys=True)
             except OSError as e:  # a full disk, an unreachable bucket: reported as data, so the driver can stop
-                summaries.append("")  # the run cleanly and print one line (bugs still raise, with traceback)
-                errors.append(f"{type(e).__name__}: {e}")
+                kind, error = type(e).__name__, str(e)  # the run cleanly and print one line (bugs still raise)
+            summaries.append(summary)
+            kinds.append(kind)
+            errors.append(error)
             ended.append(time.time())
-        return {"shard": np.array(shards, np.int64), "summary": np.array(summaries, dtype=object),
-                "error": np.array(errors, dtype=object), "began": np.array(began), "ended": np.array(ended)}
+        column = lambda values: np.array(values, dtype=object)  # noqa: E731
+        return {"shard": np.array(shards, np.int64), "summary": column(summaries), "error_kind": column(kinds),
+                "error": column(errors), "began": np.array(began), "ended": np.array(ended)}
 
     def _cuts(self, images: list[tuple[str, str]]) -> Iterator[Cut]:
         return prefetch(lambda im: cut_image(im[1], im[0], self.cut), images, self.pool, self.ahead)

@@ -14,7 +14,10 @@ BUCKET = "interposer"
 # Every node and every command in one authentication mode: a local ray.init() in the test process (ray_session)
 # puts RAY_AUTH_MODE=token in os.environ, and a command in token mode on a cluster without tokens has its
 # actors cancelled before they run ("The actor never ran"). Off: the cluster is on loopback.
-RAY_ENV = {"RAY_worker_niceness": "0", "RAY_AUTH_MODE": "disabled"}
+RAY_ENV = {"RAY_worker_niceness": "0", "RAY_AUTH_MODE": "disabled",
+           # a node removed without grace is declared dead after 3 missed health checks 1 s apart, not Ray's
+           # 5 x 3 s: the tests wait on that twice (lost node mid-build, mid-train); nothing else changes
+           "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
 
 
 @contextmanager

@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 
 from interposer import save_interposer, save_released
+from interposer.files import absolute
+from interposer.spaces import release_filename
 from interposer.weights import is_v4
 from interposer.pipeline.schema import DatasetFiles, images_path, read_manifest
 
@@ -62,9 +64,7 @@ class RunSpec:
         if not name or name != name.strip() or "/" in name or "\\" in name or name.startswith(".") or "\0" in name:
             raise ValueError(f"--name {name!r}: a run name is a name, not a path: no '/', no leading '.', not empty "
                              "(the run lives in --out/NAME)")
-        # workers run elsewhere (another folder, another node): local paths travel absolute
-        if "://" not in self.data:
-            self.data = os.path.abspath(os.path.expanduser(self.data))
+        self.data = absolute(self.data)  # workers run elsewhere (another folder, another node)
 
 
 def _local(out: str) -> bool:
@@ -72,8 +72,7 @@ def _local(out: str) -> bool:
 
 
 def _run_dir(spec: RunSpec) -> str:
-    base = os.path.abspath(os.path.expanduser(spec.out)) if _local(spec.out) else spec.out.rstrip("/")
-    return f"{base}/{spec.name}"
+    return f"{absolute(spec.out).rstrip('/')}/{spec.name}"
 
 
 def _store(spec: RunSpec) -> DatasetFiles:
@@ -192,8 +191,11 @@ def train(cfg: TrainConfig, spec: RunSpec) -> Path | str:
     if record and record.get("finished"):
         print(f"[train] {spec.name} already finished at step {record['finished']}; nothing to do. Export: {export}")
         return Path(export) if _local(spec.out) else export
-    store.write_bytes(RUN_RECORD, json.dumps(dict(config=cfg.to_dict(), data=spec.data,
-                                                  dataset_fingerprint=fingerprint, finished=None), indent=2).encode())
+    def write_record(finished: int | None) -> None:  # the run's settings; `finished`: its last step, once done
+        record = dict(config=cfg.to_dict(), data=spec.data, dataset_fingerprint=fingerprint, finished=finished)
+        store.write_bytes(RUN_RECORD, json.dumps(record, indent=2).encode())
+
+    write_record(None)
     print(f"[train] {cfg.src} -> {cfg.dst} on {spec.data}: {cfg.schedule.steps} steps, batch {cfg.data.batch} of "
           f"{cfg.data.crop}px crops, {cfg.resources.workers} worker(s){' on GPU' if cfg.resources.gpu else ''}; "
           f"run {_run_dir(spec)}"
@@ -217,7 +219,7 @@ def train(cfg: TrainConfig, spec: RunSpec) -> Path | str:
             vae = manifest.spaces[cfg.dst].vae if cfg.loss.decoded_loss_weight else None  # loaded on every rank
             check_nodes(ray, [(spec.data, "--data"), (spec.out, "--out")],
                         [(vae, f"the {cfg.dst} VAE of {spec.data}")] if vae and os.path.isabs(vae) else [])
-        storage = os.path.abspath(os.path.expanduser(spec.out)) if _local(spec.out) else spec.out
+        storage = absolute(spec.out)
         request = worker_request(cfg, int(ray.cluster_resources().get("CPU", 1)))
         cpus = int(request["CPU"])
         trainer = TorchTrainer(
@@ -243,9 +245,7 @@ def train(cfg: TrainConfig, spec: RunSpec) -> Path | str:
             state = torch.load(Path(folder) / "state.pt", weights_only=True, map_location="cpu")
             primary = load_primary(folder, cfg)
             _export(primary, cfg, spec)
-        store.write_bytes(RUN_RECORD, json.dumps(dict(config=cfg.to_dict(), data=spec.data,
-                                                      dataset_fingerprint=fingerprint, finished=int(state["step"])),
-                                                 indent=2).encode())
+        write_record(int(state["step"]))
         resumed = int((result.metrics or {}).get("resumed_from", 0))
         print(f"[train] done: step {state['step']} in {time.perf_counter() - start:.1f} s"
               + (f" (resumed from step {resumed})" if resumed else "") + f"; export: {export}")
@@ -272,7 +272,7 @@ def _export(primary, cfg: TrainConfig, spec: RunSpec) -> None:
                         extra=dict(trained_steps=cfg.schedule.steps, data=spec.data,
                                    val_fraction=cfg.data.val_fraction, seed=cfg.seed))
         if is_v4(primary):  # the v4 architecture at v4's size: also the layout v4 loaders know
-            save_released(primary, Path(tmp) / f"{cfg.src}-to-{cfg.dst}_interposer-{spec.rev}.safetensors")
+            save_released(primary, Path(tmp) / release_filename(cfg.src, cfg.dst, spec.rev))
         store = _store(spec)
         for p in sorted(Path(tmp).iterdir()):
             store.write_bytes(f"{EXPORT}/{p.name}", p.read_bytes())

@@ -27,8 +27,8 @@ def _one_line(result, rc: int, text: str) -> None:
 @pytest.mark.slow
 def test_commands_that_read_a_dataset_exit_cleanly_every_time(dataset, reference, tmp_path):
     """The process used to abort at exit now and then (SIGABRT, status 134: Arrow's pool threads released
-    buffers over Python bytes, taking the GIL while the interpreter ended): 20 clean exits of each reader of
-    Parquet, 6 of each train command (they read the same files through the same DatasetFiles)."""
+    buffers over Python bytes, taking the GIL while the interpreter ended): 12 clean exits of each reader of
+    Parquet, 4 of each train command (they read the same files through the same DatasetFiles)."""
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump({k: v for k, v in TINY.items() if k not in ("src", "dst")}))
     common = ["--data", str(dataset), "--src", "xl", "--dst", "v1", "--out", str(reference.parent), "--config",
@@ -41,7 +41,7 @@ def test_commands_that_read_a_dataset_exit_cleanly_every_time(dataset, reference
         "train, refused": ["-m", "interposer", "train", *common, "--name", reference.name, "--seed", "7"],
     }
     expected = {"inspect": 0, "inspect_dataset()": 0, "train, finished": 0, "train, refused": 2}
-    repeats = {"inspect": 20, "inspect_dataset()": 20, "train, finished": 6, "train, refused": 6}  # Arrow reads
+    repeats = {"inspect": 12, "inspect_dataset()": 12, "train, finished": 4, "train, refused": 4}  # Arrow reads
     jobs = [(name, argv) for name, argv in commands.items() for _ in range(repeats[name])]
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(lambda job: (job[0], run(*job[1])), jobs))
