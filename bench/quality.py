@@ -141,11 +141,11 @@ def step_cost(src: str, dst: str, batch: int = 16, rounds: int = 5) -> dict:
 
     import torch
 
-    from interposer.pipeline.schema import read_manifest
+    from interposer.pipeline.schema import read_manifest, register_manifest_spaces
     from interposer.trainer.config import TrainConfig
     from interposer.trainer.step import build_models
 
-    read_manifest(str(Path(os.environ["QUALITY_WORK"]) / "data-train"))  # registers sana
+    register_manifest_spaces(read_manifest(str(Path(os.environ["QUALITY_WORK"]) / "data-train")))  # sana
     x = torch.randn(batch, 32, TILE // (8 if src == "fx2" else 32), TILE // (8 if src == "fx2" else 32))
     nets = {}
     for arch in ("auto", "v4"):

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from interposer.model import InterposerModel  # noqa: E402
-from interposer.pipeline.schema import read_manifest  # noqa: E402
+from interposer.pipeline.schema import read_manifest, register_manifest_spaces  # noqa: E402
 from interposer.shuffle_model import ShuffleInterposer  # noqa: E402
 from interposer.trainer.data import PairReader  # noqa: E402
 from interposer.trainer.evaluate import _original, apply_linear, fit_linear  # noqa: E402
@@ -39,7 +39,7 @@ def main() -> None:
     extra = dict(a.split("=") for a in sys.argv[6:])
     torch.set_num_threads(int(os.environ.get("THREADS", "2")))
     data = os.environ.get("DATA", "bench-quality")
-    read_manifest(f"{data}/data-train")
+    register_manifest_spaces(read_manifest(f"{data}/data-train"))
     tr = PairReader(f"{data}/data-train", src, dst, 0.0).take("train")
     te = PairReader(f"{data}/data-test", src, dst, 0.0).take("train")
     xs, ys = torch.from_numpy(tr.src).float(), torch.from_numpy(tr.dst).float()  # (N, 32, h, w)

@@ -43,7 +43,8 @@ from .run import (
     user_error,
     wait_for_gpus,
 )
-from .schema import MANIFEST, Manifest, SpaceEntry, images_path, latents_path, read_manifest, shard_summary
+from .schema import (MANIFEST, Manifest, SpaceEntry, images_path, latents_path, read_manifest, register_manifest_spaces,
+                     shard_summary)
 from .sources import check_sources
 from .store import Store
 
@@ -220,16 +221,24 @@ def _footer_counts(store: Store, paths: list[str], read) -> dict:
 # ---------------------------------------------------------------------------------------------- build
 
 
-def _identity_diff(old: Manifest, new: Manifest) -> list[str]:
+# What makes a space's latents in a dataset the ones a command asks for: the same VAE, run the same way...
+SAME_VAE = ("vae", "subfolder", "fingerprint", "code", "dtype")
+SAME_LATENTS = SAME_VAE + ("latent", "store_std")  # ...and stored the same way (a build; add-space takes the dataset's)
+BEFORE_RAY = tuple(a for a in SAME_LATENTS if a != "dtype")  # the dtype is known once Ray is up (GPU or not)
+
+
+def _entry_diffs(code: str, old: SpaceEntry, new: SpaceEntry, attrs: tuple[str, ...]) -> list[str]:
+    return [f"{code} {a}: dataset has {getattr(old, a)!r}, you asked {getattr(new, a)!r}"
+            for a in attrs if getattr(old, a) != getattr(new, a)]
+
+
+def _identity_diff(old: Manifest, new: Manifest, attrs: tuple[str, ...] = SAME_LATENTS) -> list[str]:
     diffs = [f"{k}: dataset has {v!r}, you asked {new.identity()[k]!r}"
              for k, v in old.identity().items() if new.identity()[k] != v]
     if sorted(old.spaces) != sorted(new.spaces):
         diffs.append(f"spaces: dataset has {', '.join(sorted(old.spaces))}, you asked {', '.join(sorted(new.spaces))}")
-    for code in set(old.spaces) & set(new.spaces):
-        a, b = old.spaces[code], new.spaces[code]
-        for attr in ("vae", "subfolder", "fingerprint", "code", "dtype", "latent", "store_std"):
-            if getattr(a, attr) != getattr(b, attr):
-                diffs.append(f"{code} {attr}: dataset has {getattr(a, attr)!r}, you asked {getattr(b, attr)!r}")
+    for code in sorted(set(old.spaces) & set(new.spaces)):
+        diffs += _entry_diffs(code, old.spaces[code], new.spaces[code], attrs)
     return diffs
 
 
@@ -260,7 +269,7 @@ def build(cfg: BuildConfig) -> Manifest:
                         max_pixels=cfg.max_pixels, shard_size=cfg.shard_size, sources=list(cfg.images),
                         spaces=entries, package_version=__version__)
     if old is not None:
-        diffs = [d for d in _identity_diff(old, manifest) if " dtype:" not in d]  # dtype: known once Ray is up
+        diffs = _identity_diff(old, manifest, BEFORE_RAY)
         if diffs:
             raise ValueError(f"--out {cfg.out} holds a different dataset ({'; '.join(diffs)}); "
                              "use `interposer data add-space` for a new space, or a new --out")
@@ -378,7 +387,7 @@ class AddSpaceConfig(EncodeOptions):
 def add_space(cfg: AddSpaceConfig) -> Manifest:
     """Encode one more space for the tiles a dataset already has; existing files are not touched."""
     store = Store(cfg.data)
-    manifest = read_manifest(cfg.data)
+    manifest = register_manifest_spaces(read_manifest(cfg.data))  # first: a new VAE must not take a known name
     code = parse_space_arg(cfg.space, cfg.trust_remote_code)[0]
     if not manifest.complete and code not in manifest.spaces:
         raise ValueError(f"{cfg.data} is not finished; rerun its `interposer data build` command first")
@@ -395,8 +404,7 @@ def add_space(cfg: AddSpaceConfig) -> Manifest:
         entry.dtype = dtype
         if code in manifest.spaces:
             old = manifest.spaces[code]
-            diffs = [f"{a}: dataset has {getattr(old, a)!r}, you asked {getattr(entry, a)!r}"
-                     for a in ("vae", "subfolder", "fingerprint", "code", "dtype") if getattr(old, a) != getattr(entry, a)]
+            diffs = _entry_diffs(code, old, entry, SAME_VAE)
             if diffs:
                 raise ValueError(f"{cfg.data} already has {code} from another VAE ({'; '.join(diffs)}); "
                                  "build a new dataset for it")

@@ -45,6 +45,10 @@ def parse_space_arg(arg: str, trust_remote_code: bool = False) -> tuple[str, str
         return get_space(name).code, None, None
     if Path(vae).expanduser().exists():
         source, sub = str(Path(vae).expanduser().resolve()), None
+    elif "://" in vae:  # every encoder loads its VAE where it runs: from the Hub's cache or its node's disk
+        raise ValueError(f"--space {arg}: a VAE is loaded from a local folder or a Hub repo id, not from {vae}; on a "
+                         "cluster give a Hub repo id (org/name[:subfolder]), or put the folder on every node at the "
+                         "same path (cluster.yaml's file_mounts)")
     else:
         repo, _, sub = vae.partition(":")
         if repo.count("/") != 1 or not all(repo.split("/")):

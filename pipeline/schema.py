@@ -274,18 +274,19 @@ def read_manifest(data: str, flag: str = "--data") -> Manifest:
     files = DatasetFiles(data)
     if not files.exists(MANIFEST):
         raise FileNotFoundError(f"{flag} {data}: no {MANIFEST}; not a dataset (build one with `interposer data build`)")
-    manifest = Manifest.from_json(files.read_bytes(MANIFEST).decode(), f"{data}/{MANIFEST}")
-    register_manifest_spaces(manifest)
-    return manifest
+    return Manifest.from_json(files.read_bytes(MANIFEST).decode(), f"{data}/{MANIFEST}")
 
 
-def register_manifest_spaces(manifest: Manifest) -> None:
-    """Make the spaces a dataset defined by their VAEs known in this process (registry spaces need nothing)."""
+def register_manifest_spaces(manifest: Manifest) -> Manifest:
+    """Make the spaces a dataset defined by their VAEs known in this process (registry spaces need nothing):
+    what a command calls before it names them (--src/--dst, eval, add-space); returns the manifest. A name the
+    process already knows with other latents is refused, naming both."""
     from interposer.spaces import is_builtin, register_space
 
     for code, entry in manifest.spaces.items():
         if entry.space is not None and not is_builtin(code):
             register_space(entry.space)
+    return manifest
 
 
 def images_table(rows: list[dict], summary: dict[str, Any]) -> pa.Table:

@@ -5,6 +5,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -80,3 +81,43 @@ def digest_s3(s3, uri: str) -> dict[str, str]:
 def digest_local(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ----------------------------------------------- what the cluster runs, so that the end can check it is gone
+
+def node_processes(*nodes) -> dict[int, int]:
+    """{pid: start time} of the Ray processes of `nodes` (raylet, object store, GCS, dashboard, ...) and of
+    every process below them (the workers)."""
+    from interposer._watchdog import descendants, start_time
+
+    found: dict[int, int] = {}
+    for info in (i for n in nodes for infos in n.all_processes.values() for i in infos):
+        if (born := start_time(info.process.pid)) is not None:
+            found[info.process.pid] = born
+        found.update(descendants(info.process.pid))
+    return found
+
+
+def remove_node(cluster, node, seen: dict[int, int], graceful: bool = True) -> None:
+    """cluster.remove_node, first adding the node's processes to `seen` (checked gone at the end)."""
+    seen.update(node_processes(node))
+    cluster.remove_node(node, allow_graceful=graceful)
+
+
+def still_running(processes: dict[int, int], timeout: float = 20.0) -> list[int]:
+    """The pids of `processes` still running (same pid, same start time, not a zombie) after up to `timeout`
+    s; pids reused by other programs are not ours and do not count."""
+    from interposer._watchdog import start_time
+
+    def running(pid: int, born: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                state = f.read().rsplit(b")", 1)[1].split()[0]
+        except OSError:
+            return False
+        return start_time(pid) == born and state != b"Z"
+
+    deadline = time.time() + timeout
+    while (left := [p for p, born in processes.items() if running(p, born)]) and time.time() < deadline:
+        time.sleep(0.2)
+    return left

@@ -109,17 +109,19 @@ def s3(tmp_path_factory):
     with SeaweedS3(tmp_path_factory.mktemp("seaweed")) as server:
         server.bucket(BUCKET)
         yield server
+    assert server.proc.poll() is not None, "the S3 server still runs after its stop"
 
 
 @pytest.fixture(scope="module")
 def cluster(s3):
     """A three-node Ray cluster on this machine (a head with no CPUs, as cluster.yaml's, and two one-CPU worker
     nodes, each its own raylet and object store), every node with the S3 settings in its environment."""
-    from clusters import RAY_ENV, environment, node_ports
+    from clusters import RAY_ENV, environment, node_ports, node_processes, still_running
 
     from ray.cluster_utils import Cluster
 
     c = Cluster(shutdown_at_exit=False)
+    c.removed = {}  # {pid: start time} of the nodes tests removed (clusters.remove_node): checked gone too
     try:
         with environment({**s3.env, **RAY_ENV}):
             from seaweed import free_port
@@ -132,4 +134,7 @@ def cluster(s3):
             c.wait_for_nodes()
         yield c
     finally:
+        ours = {**c.removed, **node_processes(*(n for n in (c.head_node, *c.worker_nodes) if n is not None))}
         c.shutdown()  # every process of every node, by the pids the Cluster started
+        left = still_running(ours)
+        assert not left, f"{len(left)} of the cluster's {len(ours)} processes still run after its shutdown: {left}"

@@ -190,14 +190,14 @@ def test_train_and_eval_both_ways_with_an_encoder_only_side(own_dataset, own_vae
 
 def test_eval_with_no_decoder_on_either_side_is_refused(own_dataset, own_vaes, tmp_path):
     from interposer.pipeline.build import AddSpaceConfig, add_space
-    from interposer.pipeline.schema import read_manifest
+    from interposer.pipeline.schema import read_manifest, register_manifest_spaces
     from interposer.shuffle_model import ShuffleInterposer
     from interposer.trainer.evaluate import evaluate
     from interposer.weights import save_interposer
 
     add_space(AddSpaceConfig(data=str(own_dataset), space=f"enc2={own_vaes['enc2']}", gpus_per_worker=0,
                              quiet=True, trust_remote_code=True))
-    read_manifest(str(own_dataset))
+    register_manifest_spaces(read_manifest(str(own_dataset)))
     save_interposer(ShuffleInterposer(8, 4, 8, 1, 2.0), tmp_path / "m", "enc", "enc2")
     with pytest.raises(ValueError, match="neither the enc nor the enc2 VAE has a decoder"):
         evaluate(str(tmp_path / "m"), str(own_dataset), split="all", trust_remote_code=True)

@@ -58,12 +58,12 @@ def _add_train(sub) -> None:
 
 
 def _cmd_train(args) -> int:
-    from interposer.pipeline.schema import read_manifest
+    from interposer.pipeline.schema import read_manifest, register_manifest_spaces
 
     from .config import load_config
     from .driver import RunSpec, train
 
-    read_manifest(args.data)  # first: it makes the dataset's spaces defined by their VAEs known to --src/--dst
+    register_manifest_spaces(read_manifest(args.data))  # first: --src/--dst may name the dataset's own spaces
     cfg = load_config(args.config, src=args.src, dst=args.dst, steps=args.steps, batch=args.batch, crop=args.crop,
                       workers=args.workers, gpu=args.gpu, checkpoint_every=args.checkpoint_every,
                       eval_every=args.eval_every, max_failures=args.max_failures, seed=args.seed,

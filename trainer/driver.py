@@ -26,7 +26,7 @@ from interposer import save_interposer, save_released
 from interposer.files import absolute
 from interposer.spaces import release_filename
 from interposer.weights import is_v4
-from interposer.pipeline.schema import DatasetFiles, images_path, read_manifest
+from interposer.pipeline.schema import DatasetFiles, images_path, read_manifest, register_manifest_spaces
 
 from .config import TrainConfig
 from .data import check_pair
@@ -177,7 +177,7 @@ def _check_decoder(cfg: TrainConfig, spec: RunSpec, manifest) -> None:
 def train(cfg: TrainConfig, spec: RunSpec) -> Path | str:
     """Train (or resume, or find finished) the run OUT/NAME; returns the export folder."""
     begun = time.time()
-    manifest = read_manifest(spec.data)
+    manifest = register_manifest_spaces(read_manifest(spec.data))
     _check_out(spec)
     check_pair(manifest, spec.data, cfg.src, cfg.dst)
     fingerprint = pair_fingerprint(manifest, cfg.src, cfg.dst)

@@ -86,6 +86,7 @@ def evaluate(model: str, data: str, split: str = "val", limit: int | None = 64, 
     pixel metric the target's; what cannot be computed is left out and said once in `notes`."""
     from tqdm import tqdm
 
+    from interposer.pipeline.schema import register_manifest_spaces
     from interposer.vae import decode_raw, encode_raw
 
     from .data import PairReader
@@ -100,7 +101,7 @@ def evaluate(model: str, data: str, split: str = "val", limit: int | None = 64, 
                          "compare; evaluate a pair where at least one side decodes")
     net = net.to(dev).eval()
     reader = PairReader(data, src, dst, val_fraction)
-    manifest = reader.manifest
+    manifest = register_manifest_spaces(reader.manifest)  # a name the model's config defines otherwise: refused
     rows, x, y = _tiles(reader, split, limit)
     # the linear baseline is fitted on training tiles: this dataset's train split, or another dataset's
     _, fx, fy = _tiles(reader if linear_data is None else PairReader(linear_data, src, dst, 0.0), "train", fit_tiles)

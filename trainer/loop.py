@@ -57,10 +57,10 @@ def train_loop_per_worker(config: dict) -> None:
     import torch.distributed as dist
     from ray.train import Checkpoint, CheckpointUploadMode
 
-    from interposer.pipeline.schema import read_manifest
+    from interposer.pipeline.schema import read_manifest, register_manifest_spaces
 
     _quiet_ray_train_reports()
-    read_manifest(config["data"])  # registers the dataset's spaces defined by their VAEs, before the config
+    register_manifest_spaces(read_manifest(config["data"]))  # this worker process: before the config names them
     cfg = TrainConfig.from_dict(config["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

@@ -138,6 +138,11 @@ def test_add_space_leaves_existing_files_untouched(clean, vaes, tmp_path):
     build(_cfg(Path(Manifest.from_json((clean / "manifest.json").read_text()).sources[0]), vaes, full,
                spaces=("v1", "xl", "fx")))
     assert _digest(full / "latents" / "fx") == _digest(data / "latents" / "fx")
+    # the same space again from another VAE (another stand-in of v1's class): refused, naming what differs
+    before = _digest(data)
+    with pytest.raises(ValueError, match=r"already has v1 from another VAE \(v1 vae: dataset has .* v1 fingerprint: "):
+        add_space(AddSpaceConfig(data=str(data), space=f"v1={vaes['xl']}", quiet=True))
+    assert _digest(data) == before
 
 
 def test_inspect_reports_per_channel_statistics(clean):

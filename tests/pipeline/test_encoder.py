@@ -92,6 +92,8 @@ def test_space_arguments(vaes):
     assert parse_space_arg(f"v1={vaes['v1']}") == ("v1", str(vaes["v1"]), None)
     with pytest.raises(ValueError, match="neither a local folder nor a Hub repo id"):
         parse_space_arg("v1=/no/such/folder")
+    with pytest.raises(ValueError, match=r"not from s3://b/vae; on a cluster give a Hub repo id .* file_mounts"):
+        parse_space_arg("v1=s3://b/vae")
     with pytest.raises(ValueError, match="unknown latent space 'v9'"):
         parse_space_arg("v9")
     with pytest.raises(ValueError, match=r"cannot load the v1 VAE \(AutoencoderKL\) from"):

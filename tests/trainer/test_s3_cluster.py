@@ -16,7 +16,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from clusters import BUCKET, add_node, cli, digest_local, digest_s3, ok, start
+from clusters import BUCKET, add_node, cli, digest_local, digest_s3, ok, remove_node, start
 from helpers import TINY_TRAIN as TINY
 
 pytestmark = pytest.mark.slow  # a real S3 server and a three-node Ray cluster (make test-fast skips)
@@ -69,7 +69,7 @@ def test_build_to_s3_survives_a_lost_node_and_equals_a_local_build(cluster, s3, 
             time.sleep(0.05)
         assert shards // 3 <= done < shards, f"the node loss should land after a third of the shards ({done})"
         victim = next(iter(cluster.worker_nodes))
-        cluster.remove_node(victim, allow_graceful=False)  # its raylet, object store and workers, all at once
+        remove_node(cluster, victim, cluster.removed, graceful=False)  # raylet, object store, workers at once
         add_node(cluster, s3)  # a replacement, as the autoscaler starts one
         out, _ = proc.communicate(timeout=300)
     finally:
@@ -184,7 +184,7 @@ def test_a_node_without_the_s3_settings_is_named_in_one_line(cluster, s3, photos
         result = cli(cluster, s3, "data", "build", "--images", photos_in_s3, "--space", f"v1={vaes['v1']}", *BUILD,
                      "--out", uri)
     finally:
-        cluster.remove_node(bare)
+        remove_node(cluster, bare, cluster.removed)
     lines = [line for line in result.stderr.strip().splitlines() if "error:" in line]
     assert result.returncode == 1 and len(lines) == 1, result.stdout[-2000:] + result.stderr[-2000:]
     assert " on node " in lines[0] and "this node has no AWS_ENDPOINT_URL" in lines[0], lines[0]
@@ -244,7 +244,7 @@ def test_train_in_s3_on_two_nodes_survives_a_lost_node_and_a_lost_driver(cluster
     proc = start(cluster, s3, *argv, "--name", "lost-node")
     try:
         steps = _wait_for_checkpoint(s3, f"{runs}/lost-node", proc)
-        cluster.remove_node(next(iter(cluster.worker_nodes)), allow_graceful=False)
+        remove_node(cluster, next(iter(cluster.worker_nodes)), cluster.removed, graceful=False)
         add_node(cluster, s3)
         out, _ = proc.communicate(timeout=300)
     finally:
