@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-STATE = "state.pt"
+PRIMARY, SECONDARY, STATE, CONFIG = "primary.safetensors", "secondary.safetensors", "state.pt", "config.json"
 
 
 def rng_state() -> dict:
@@ -50,12 +50,12 @@ def save_checkpoint(folder: str | Path, primary, secondary, optims: dict, step: 
     """Write a checkpoint folder (models unwrapped from DDP first)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(_weights(primary), str(folder / "primary.safetensors"))
-    save_file(_weights(secondary), str(folder / "secondary.safetensors"))
+    save_file(_weights(primary), str(folder / PRIMARY))
+    save_file(_weights(secondary), str(folder / SECONDARY))
     torch.save(dict(step=step, data=data_by_rank, rng=rng_by_rank,
                     optimizers={k: o.state_dict() for k, (o, _) in optims.items()},
                     schedulers={k: s.state_dict() for k, (_, s) in optims.items()}), folder / STATE)
-    (folder / "config.json").write_text(json.dumps(dict(config=config, dataset_fingerprint=fingerprint), indent=2))
+    (folder / CONFIG).write_text(json.dumps(dict(config=config, dataset_fingerprint=fingerprint), indent=2))
     return folder
 
 
@@ -63,12 +63,12 @@ def load_checkpoint(folder: str | Path, primary, secondary, optims: dict) -> dic
     """Load a checkpoint into the (unwrapped) models and optimizers; returns state.pt's contents.
     A truncated or corrupt file raises ValueError naming it."""
     folder = Path(folder)
-    for name in ("primary.safetensors", "secondary.safetensors", STATE, "config.json"):
+    for name in (PRIMARY, SECONDARY, STATE, CONFIG):
         if not (folder / name).is_file():
             raise ValueError(f"checkpoint {folder} is missing {name}")
     try:
-        primary.load_state_dict(load_file(str(folder / "primary.safetensors")))
-        secondary.load_state_dict(load_file(str(folder / "secondary.safetensors")))
+        primary.load_state_dict(load_file(str(folder / PRIMARY)))
+        secondary.load_state_dict(load_file(str(folder / SECONDARY)))
         state = torch.load(folder / STATE, weights_only=True, map_location="cpu")
     except Exception as e:  # noqa: BLE001  (safetensors, pickle and zip errors all mean one thing here)
         raise ValueError(f"checkpoint {folder} is unreadable ({type(e).__name__}: {e})") from e
@@ -76,6 +76,17 @@ def load_checkpoint(folder: str | Path, primary, secondary, optims: dict) -> dic
         opt.load_state_dict(state["optimizers"][key])
         sched.load_state_dict(state["schedulers"][key])
     return state
+
+
+def load_final(folder: str | Path, cfg) -> tuple[torch.nn.Module, int]:
+    """(the primary network rebuilt from `cfg` with the checkpoint's weights, in eval mode; its step): what the
+    export is made of. The shuffle network's statistics are buffers: the state dict restores them."""
+    from .step import network
+
+    folder = Path(folder)
+    model = network(cfg)
+    model.load_state_dict(load_file(str(folder / PRIMARY)))
+    return model.eval(), int(torch.load(folder / STATE, weights_only=True, map_location="cpu")["step"])
 
 
 def load_with_fallback(folder: str | Path, primary, secondary, optims: dict, fallback: bool) -> tuple[dict, Path]:

@@ -28,6 +28,7 @@ from interposer.spaces import release_filename
 from interposer.weights import is_v4
 from interposer.pipeline.schema import DatasetFiles, images_path, read_manifest, register_manifest_spaces
 
+from .checkpoint import load_final
 from .config import TrainConfig
 from .data import check_pair
 from .publish import EXPORT
@@ -242,27 +243,16 @@ def train(cfg: TrainConfig, spec: RunSpec) -> Path | str:
         if result.checkpoint is None:
             raise RuntimeError(f"run {spec.name} ended without a checkpoint")
         with result.checkpoint.as_directory() as folder:
-            state = torch.load(Path(folder) / "state.pt", weights_only=True, map_location="cpu")
-            primary = load_primary(folder, cfg)
+            primary, step = load_final(folder, cfg)
             _export(primary, cfg, spec)
-        write_record(int(state["step"]))
+        write_record(step)
         resumed = int((result.metrics or {}).get("resumed_from", 0))
-        print(f"[train] done: step {state['step']} in {time.perf_counter() - start:.1f} s"
+        print(f"[train] done: step {step} in {time.perf_counter() - start:.1f} s"
               + (f" (resumed from step {resumed})" if resumed else "") + f"; export: {export}")
         return Path(export) if _local(spec.out) else export
     finally:
         if started:
             ray.shutdown()
-
-
-def load_primary(folder, cfg: TrainConfig):
-    from safetensors.torch import load_file
-
-    from .step import network
-
-    model = network(cfg)  # the shuffle network's statistics are buffers: the state dict restores them
-    model.load_state_dict(load_file(str(Path(folder) / "primary.safetensors")))
-    return model.eval()
 
 
 def _export(primary, cfg: TrainConfig, spec: RunSpec) -> None:

@@ -52,10 +52,111 @@ def _is_local(checkpoint) -> bool:
     return isinstance(checkpoint.filesystem, pafs.LocalFileSystem)
 
 
+def _resume(cfg: TrainConfig, primary, secondary, optims: dict, stream: CropStream, rank: int) -> int:
+    """Load Ray Train's latest checkpoint, if any, into the models, optimizers, this rank's data position and
+    RNGs (before DDP wraps the models); returns the step to go on from (0 for a fresh run)."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as folder:
+        # the real checkpoint folder (local storage) has its siblings beside it, for the fallback
+        where = checkpoint.path if _is_local(checkpoint) else folder
+        state, _ = load_with_fallback(where, primary, secondary, optims, cfg.checkpoint.fallback_checkpoint)
+    if "data" not in state:
+        raise ValueError(f"checkpoint {checkpoint.path} was written by an older version (whole-dataset loader); "
+                         "its data position cannot be carried over: train under a new --name")
+    stream.load_state_dict(state["data"][rank])
+    if rank < len(state["rng"]):
+        set_rng_state(state["rng"][rank])
+    if rank == 0:
+        print(f"[train] resuming from step {int(state['step'])}", flush=True)
+    return int(state["step"])
+
+
+class _Meter:
+    """This rank's pace: steps/s since the last log line (everything between included: checkpoints,
+    evaluation), and its start-up (from the command's start to its first step)."""
+
+    def __init__(self, start: int, started_at: float | None):
+        self.t0, self.last, self.started_at, self.first_step_s = time.perf_counter(), start, started_at, None
+
+    def stepped(self) -> None:
+        if self.first_step_s is None:
+            self.first_step_s = time.time() - (self.started_at or time.time())
+
+    def rate(self, done: int) -> float:
+        now = time.perf_counter()
+        rate, self.t0, self.last = (done - self.last) / max(now - self.t0, 1e-9), now, done
+        return rate
+
+
+def _metrics(losses, optims: dict, done: int, start: int, rate: float, first_step_s: float, world: int) -> dict:
+    """The log line's numbers: losses (the mean over ranks), lr, pace, and every rank's peak resident memory
+    and start-up (MB, s). Collectives: every rank calls it at the same steps."""
+    import torch.distributed as dist
+
+    metrics = {f"loss_{k}": v for k, v in losses.parts.items()}
+    metrics["loss"] = float(losses.total.detach())
+    if world > 1:
+        t = torch.tensor([metrics[k] for k in sorted(metrics)], dtype=torch.float64)
+        dist.all_reduce(t)
+        metrics = {k: v / world for k, v in zip(sorted(metrics), t.tolist())}
+    metrics.update(step=done, lr=optims["primary"][1].get_last_lr()[0], resumed_from=start, steps_per_s=rate)
+    mine = [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, first_step_s]
+    every = [mine] * world
+    if world > 1:
+        dist.all_gather_object(every, mine)
+    for r, (rss, first) in enumerate(every):
+        metrics[f"peak_rss_mb/rank{r}"], metrics[f"first_step_s/rank{r}"] = rss, first
+    return metrics
+
+
+def _positions(stream: CropStream, world: int) -> tuple[list, list]:
+    """(every rank's RNG states, every rank's data position), for a checkpoint: a collective."""
+    import torch.distributed as dist
+
+    if world == 1:
+        return [rng_state()], [stream.state_dict()]
+    rngs, cursors = [None] * world, [None] * world
+    dist.all_gather_object(rngs, rng_state())
+    dist.all_gather_object(cursors, stream.state_dict())
+    return rngs, cursors
+
+
+def _log(cfg: TrainConfig, metrics: dict, done: int, rate: float, preempted: bool, writer) -> None:
+    """Rank 0's progress line and TensorBoard scalars."""
+    eta = (cfg.schedule.steps - done) / max(rate, 1e-9)
+    extra = f", val L1 {metrics['val_l1']:.4f}" if "val_l1" in metrics else ""
+    notice = "  (preemption notice: checkpoint)" if preempted else ""
+    print(f"[train] step {done}/{cfg.schedule.steps}  {rate:.2f} steps/s  loss {metrics['loss']:.4f}{extra}  "
+          f"lr {metrics['lr']:.2e}  ETA {eta / 60:.1f} min{notice}", flush=True)
+    if writer is not None:
+        for k, v in metrics.items():
+            if k != "step":
+                writer.add_scalar(k, v, done)
+        writer.flush()
+
+
+def _report_checkpoint(metrics: dict, models: tuple, optims: dict, done: int, positions: tuple, cfg: TrainConfig,
+                       fingerprint: str, last: bool) -> None:
+    """Rank 0: write a checkpoint and report it. A routine one uploads on Ray Train's thread while training goes
+    on (to S3 it is seconds of round trips); the last one, and one made on a preemption notice, are in storage
+    before we go on."""
+    import ray.train
+    from ray.train import Checkpoint, CheckpointUploadMode
+
+    rngs, cursors = positions
+    folder = tempfile.mkdtemp(prefix="interposer-checkpoint-")  # Ray Train removes it once uploaded
+    save_checkpoint(folder, *models, optims, done, cursors, rngs, cfg.to_dict(), fingerprint)
+    upload = CheckpointUploadMode.SYNC if last else CheckpointUploadMode.ASYNC
+    ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder), checkpoint_upload_mode=upload,
+                     delete_local_checkpoint_after_upload=True)
+
+
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
-    import torch.distributed as dist
-    from ray.train import Checkpoint, CheckpointUploadMode
 
     from interposer.pipeline.schema import read_manifest, register_manifest_spaces
 
@@ -73,30 +174,13 @@ def train_loop_per_worker(config: dict) -> None:
     optims = {"primary": build_optim(cfg, primary)}
     if cfg.uses_secondary:
         optims["secondary"] = build_optim(cfg, secondary)
+    start = _resume(cfg, primary, secondary, optims, stream, rank)  # before wrapping in DDP
 
-    start = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:  # load everything before wrapping in DDP
-        with checkpoint.as_directory() as folder:
-            # the real checkpoint folder (local storage) has its siblings beside it, for the fallback
-            where = checkpoint.path if _is_local(checkpoint) else folder
-            state, _ = load_with_fallback(where, primary, secondary, optims, cfg.checkpoint.fallback_checkpoint)
-        start = int(state["step"])
-        if "data" not in state:
-            raise ValueError(f"checkpoint {checkpoint.path} was written by an older version (whole-dataset loader); "
-                             "its data position cannot be carried over: train under a new --name")
-        stream.load_state_dict(state["data"][rank])
-        if rank < len(state["rng"]):
-            set_rng_state(state["rng"][rank])
-        if rank == 0:
-            print(f"[train] resuming from step {start}", flush=True)
+    def on_device(model):  # DDP-wrapped when there are several ranks
+        return ray.train.torch.prepare_model(model, move_to_device=device) if world > 1 else model.to(device)
 
-    primary = ray.train.torch.prepare_model(primary, move_to_device=device) if world > 1 else primary.to(device)
-    if cfg.uses_secondary:
-        secondary = (ray.train.torch.prepare_model(secondary, move_to_device=device) if world > 1
-                     else secondary.to(device))
-    else:
-        secondary = secondary.to(device)
+    primary = on_device(primary)
+    secondary = on_device(secondary) if cfg.uses_secondary else secondary.to(device)
     unwrap = lambda m: getattr(m, "module", m)  # noqa: E731
     decoder = _decoder(cfg, config["data"], device, config.get("trust_remote_code", False)) \
         if cfg.loss.decoded_loss_weight else None
@@ -113,14 +197,13 @@ def train_loop_per_worker(config: dict) -> None:
 
         writer = SummaryWriter(config["tensorboard"], purge_step=start)
 
-    t0, last_step, first_step_s = time.perf_counter(), start, None
+    meter = _Meter(start, config.get("started_at"))
     for step in range(start, cfg.schedule.steps):
         torch.manual_seed(step_seed(cfg.seed, step, rank, 2))  # dropout: a function of (seed, step, rank)
         src, dst = stream.next(step)
         losses = train_step(cfg, primary, secondary, list(optims.values()), src, dst, device, decoder, step)
         done = step + 1
-        if first_step_s is None:  # start-up: from the command's start to this rank's first step
-            first_step_s = time.time() - config.get("started_at", time.time())
+        meter.stepped()
 
         preempted = False
         if world > 1 and done % cfg.checkpoint.preemption_check_every == 0:
@@ -131,53 +214,16 @@ def train_loop_per_worker(config: dict) -> None:
         if not (log or evaluate):
             continue
 
-        metrics = {f"loss_{k}": v for k, v in losses.parts.items()}
-        metrics["loss"] = float(losses.total.detach())
-        if world > 1:  # the mean over ranks, for the log only
-            t = torch.tensor([metrics[k] for k in sorted(metrics)], dtype=torch.float64)
-            dist.all_reduce(t)
-            metrics = {k: v / world for k, v in zip(sorted(metrics), t.tolist())}
-        # this rank's rate since the last log line, everything between included (checkpoints, evaluation)
-        now = time.perf_counter()
-        rate, t0, last_step = (done - last_step) / max(now - t0, 1e-9), now, done
-        metrics.update(step=done, lr=optims["primary"][1].get_last_lr()[0], resumed_from=start, steps_per_s=rate)
-        # every rank's peak resident memory and start-up time (MB, s): what a worker holds, measured
-        mine = [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, first_step_s]
-        every = [mine] * world
-        if world > 1:
-            dist.all_gather_object(every, mine)
-        for r, (rss, first) in enumerate(every):
-            metrics[f"peak_rss_mb/rank{r}"], metrics[f"first_step_s/rank{r}"] = rss, first
+        rate = meter.rate(done)
+        metrics = _metrics(losses, optims, done, start, rate, meter.first_step_s, world)
         if evaluate and rank == 0:
             metrics["val_l1"] = validation_l1(unwrap(primary), *val, device)
-        rngs, cursors = [None] * world, [None] * world  # every rank's RNGs and data position, for the checkpoint
-        if save:
-            if world > 1:
-                dist.all_gather_object(rngs, rng_state())
-                dist.all_gather_object(cursors, stream.state_dict())
-            else:
-                rngs, cursors = [rng_state()], [stream.state_dict()]
+        positions = _positions(stream, world) if save else None
         if rank == 0:
-            eta = (cfg.schedule.steps - done) / max(rate, 1e-9)
-            extra = f", val L1 {metrics['val_l1']:.4f}" if "val_l1" in metrics else ""
-            notice = "  (preemption notice: checkpoint)" if preempted else ""
-            print(f"[train] step {done}/{cfg.schedule.steps}  {rate:.2f} steps/s  loss {metrics['loss']:.4f}{extra}  "
-                  f"lr {metrics['lr']:.2e}  ETA {eta / 60:.1f} min{notice}", flush=True)
-            if writer is not None:
-                for k, v in metrics.items():
-                    if k != "step":
-                        writer.add_scalar(k, v, done)
-                writer.flush()
+            _log(cfg, metrics, done, rate, preempted, writer)
         if save and rank == 0:
-            folder = tempfile.mkdtemp(prefix="interposer-checkpoint-")  # Ray Train removes it once uploaded
-            save_checkpoint(folder, unwrap(primary), unwrap(secondary), optims, done, cursors,
-                            rngs, cfg.to_dict(), config["fingerprint"])
-            # A routine checkpoint uploads on Ray Train's thread while training goes on (to S3 it is seconds of
-            # round trips); the last one, and one made on a preemption notice, are in storage before we go on.
-            last = done == cfg.schedule.steps or preempted
-            upload = CheckpointUploadMode.SYNC if last else CheckpointUploadMode.ASYNC
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder), checkpoint_upload_mode=upload,
-                             delete_local_checkpoint_after_upload=True)
+            _report_checkpoint(metrics, (unwrap(primary), unwrap(secondary)), optims, done, positions, cfg,
+                               config["fingerprint"], last=done == cfg.schedule.steps or preempted)
         else:
             ray.train.report(metrics)
     stream.close()
