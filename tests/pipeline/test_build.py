@@ -164,11 +164,15 @@ def test_inspect_reports_per_channel_statistics(clean):
     (["data", "add-space", "--data", "IMGS", "--space", "fx"], "no manifest.json; not a dataset"),
     (["data", "inspect", "/no/such/data"], "no manifest.json"),
 ])  # fmt: skip
-def test_cli_mistakes_exit_2_and_write_nothing(argv, message, sources, tmp_path):
+def test_cli_mistakes_exit_2_and_write_nothing(argv, message, sources, tmp_path, capsys, monkeypatch):
+    from interposer.cli import main
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     argv = [a.replace("IMGS", str(sources)).replace("OUT", str(tmp_path / "out")) for a in argv]
-    result = run("-m", "interposer", *argv, env={"RAY_ADDRESS": ""})
-    assert result.returncode == 2, result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
+    capsys.readouterr()
+    code, err = main(argv), capsys.readouterr().err  # in this process: each mistake is refused before Ray starts
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and message in err, err
     assert not (tmp_path / "out").exists()
 
 

@@ -152,9 +152,14 @@ def test_cli_mistakes_exit_2_and_write_nothing(argv, message, dataset, tmp_path)
     assert result.returncode == 2, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_train_without_a_dataset_is_one_line(tmp_path):
+    from helpers import run
+
     missing = run("-m", "interposer", "train", "--data", str(tmp_path / "nodata"), "--src", "xl", "--dst", "v1",
                   "--out", str(tmp_path / "runs"), "--name", "x")
-    assert missing.returncode == 2 and "no manifest.json" in missing.stderr
+    assert missing.returncode == 2 and "no manifest.json" in missing.stderr and not (tmp_path / "runs").exists()
 
 
 def test_a_validation_share_with_no_image_trains_without_validation_in_one_warning(dataset):
