@@ -1,6 +1,6 @@
 """The README's cluster recipe, rehearsed on one machine: a real S3 server, three Ray nodes, nodes lost.
 
-    python bench/cluster.py                  # about 8 minutes on 2 cores (make rehearsal)
+    python bench/cluster.py                  # about 10 minutes on 2 cores (make rehearsal)
     python bench/cluster.py --rounds 1       # one round of each S3-vs-local pair
 
 What runs: SeaweedFS (`weed server -s3`) on loopback with a bucket and a key, given to every node and command
