@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from interposer.spaces import get_space, pair_scale
+from interposer.spaces import default_args, get_space, pair_scale
 
 
 Arch = Literal["auto", "v4", "shuffle"]
@@ -193,8 +193,7 @@ class TrainConfig:
 
     def model_args(self, reverse: bool = False) -> dict:
         s, d = (self.dst, self.src) if reverse else (self.src, self.dst)
-        return dict(ch_in=get_space(s).channels, ch_out=get_space(d).channels, ch_mid=self.model.ch_mid,
-                    blocks=self.model.blocks, scale=pair_scale(s, d))
+        return default_args(s, d) | dict(ch_mid=self.model.ch_mid, blocks=self.model.blocks)  # the pair's, our size
 
 
 # city96 v4 keys that have no counterpart here, and what replaces each (named in one warning)
