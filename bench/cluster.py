@@ -42,7 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from clusters import RAY_ENV, add_node, cli, digest_local, digest_s3, environment, node_ports, start  # noqa: E402
+from clusters import (RAY_ENV, add_node, cli, digest_local, digest_s3, environment, node_ports,  # noqa: E402
+                      registered_steps, start)
 from seaweed import SeaweedS3  # noqa: E402
 
 BUCKET = "rehearsal"
@@ -78,14 +79,6 @@ def make_photos(folder: Path, n: int, side: int = PHOTO) -> Path:
         x, y = (int(rng.integers(0, s - side)) for s in img.size)
         img.crop((x, y, x + side, y + side)).save(folder / f"photo-{i:03d}.png")
     return folder
-
-
-def registered_steps(s3, run: str) -> list[int]:
-    try:
-        snapshot = json.loads(s3.get_bytes(f"{run}/checkpoint_manager_snapshot.json"))
-    except (OSError, json.JSONDecodeError):
-        return []
-    return sorted(int(r["metrics"]["step"]) for r in snapshot["checkpoint_results"])
 
 
 def wait_for(predicate, proc, timeout: float, what: str):

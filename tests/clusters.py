@@ -2,6 +2,7 @@
 conftest.py): environments for nodes, commands sent to the cluster as `ray job submit` would send them."""
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -66,6 +67,15 @@ def start(cluster, s3, *argv) -> subprocess.Popen:
     full = {**os.environ, **s3.env, **RAY_ENV, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": cluster.address}
     return subprocess.Popen([sys.executable, "-m", "interposer", *argv], env=full, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def registered_steps(s3, run: str) -> list[int]:
+    """Checkpoint steps Ray Train has recorded in the run's snapshot in the bucket (only those are resumed)."""
+    try:
+        snapshot = json.loads(s3.get_bytes(f"{run}/checkpoint_manager_snapshot.json"))
+    except (OSError, json.JSONDecodeError):
+        return []
+    return sorted(int(r["metrics"]["step"]) for r in snapshot["checkpoint_results"])
 
 
 def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

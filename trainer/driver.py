@@ -192,6 +192,7 @@ def train(cfg: TrainConfig, spec: RunSpec) -> Path | str:
     if record and record.get("finished"):
         print(f"[train] {spec.name} already finished at step {record['finished']}; nothing to do. Export: {export}")
         return Path(export) if _local(spec.out) else export
+
     def write_record(finished: int | None) -> None:  # the run's settings; `finished`: its last step, once done
         record = dict(config=cfg.to_dict(), data=spec.data, dataset_fingerprint=fingerprint, finished=finished)
         store.write_bytes(RUN_RECORD, json.dumps(record, indent=2).encode())

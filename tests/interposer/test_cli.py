@@ -185,7 +185,10 @@ def test_a_ctrl_c_dropped_in_a_finalizer_is_raised_again():
     import subprocess
     import sys
 
-    code = ("import time, weakref; from interposer.cli import _keep_ctrl_c; _keep_ctrl_c()\n"
+    # SIGINT as an interactive shell leaves it (a launcher without job control, `cmd &` in a script, hands its
+    # children SIGINT ignored, and then no Ctrl-C reaches Python at all)
+    code = ("import signal, time, weakref; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+            "from interposer.cli import _keep_ctrl_c; _keep_ctrl_c()\n"
             "class A: pass\n"
             "def cb(_): raise KeyboardInterrupt\n"
             "a = A(); r = weakref.ref(a, cb)\n"

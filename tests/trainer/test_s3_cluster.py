@@ -16,7 +16,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from clusters import BUCKET, add_node, cli, digest_local, digest_s3, ok, remove_node, start
+from clusters import BUCKET, add_node, cli, digest_local, digest_s3, ok, registered_steps, remove_node, start
 from helpers import TINY_TRAIN as TINY
 
 pytestmark = pytest.mark.slow  # a real S3 server and a three-node Ray cluster (make test-fast skips)
@@ -210,19 +210,10 @@ def test_a_local_path_missing_on_a_node_is_named_in_one_line(cluster, s3, tmp_pa
     assert "cluster.yaml's file_mounts" in last, last
 
 
-def _registered_steps(s3, run: str) -> list[int]:
-    """Checkpoint steps Ray Train has recorded in the run's snapshot in the bucket (only those are resumed)."""
-    try:
-        snapshot = json.loads(s3.get_bytes(f"{run}/checkpoint_manager_snapshot.json"))
-    except (OSError, json.JSONDecodeError):
-        return []
-    return sorted(int(r["metrics"]["step"]) for r in snapshot["checkpoint_results"])
-
-
 def _wait_for_checkpoint(s3, run: str, proc, timeout: float = 240) -> list[int]:
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
-        steps = _registered_steps(s3, run)
+        steps = registered_steps(s3, run)
         if steps:
             return steps
         time.sleep(0.1)
