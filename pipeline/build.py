@@ -23,15 +23,13 @@ from interposer.files import absolute
 from interposer.spaces import get_space, is_builtin
 
 from .encoder import VAESpec, load_vae, parse_space_arg, resolve_source, source_fingerprint
-from .images import DEFAULT_MAX_PIXELS
 from .index import add_counts, build_index
 from .objectstore import check_uri
+from .options import DECODE_THREADS, AddSpaceConfig, BuildConfig, EncodeOptions  # noqa: F401  (re-exported)
 from .inspection import inspect_dataset  # noqa: F401  (re-exported)
 from .progress import Progress
 from .rows import CutParams
 from .run import (
-    DECODE_THREADS,
-    DEFAULT_GPU_WAIT,
     ENCODER_CPUS,
     EncoderPlan,
     check_nodes,
@@ -47,67 +45,6 @@ from .schema import (MANIFEST, Manifest, SpaceEntry, images_path, latents_path, 
                      shard_summary)
 from .sources import check_sources
 from .store import Store
-
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-@dataclass
-class EncodeOptions:
-    """How the encoders run (shared by build and add-space; not part of the dataset's identity)."""
-
-    batch_size: int = 6  # tiles per VAE forward pass (only tiles of one image share a pass)
-    workers: int = 0  # encoder actors; 0 = one per GPU (as GPU nodes join, on a cluster), or 1 without GPUs
-    gpus_per_worker: float = -1  # -1 = 1 on a machine with GPUs or a cluster, else 0 (CPU)
-    dtype: str = "auto"  # auto = bfloat16 on GPU, float32 on CPU
-    gpu_wait: float = DEFAULT_GPU_WAIT  # seconds to wait for a cluster's autoscaler to add a GPU node
-    decode_threads: int = DECODE_THREADS  # image decode threads in each GPU encoder actor
-    quiet: bool = False
-    trust_remote_code: bool = False  # VAEs that ship their own code may run it (driver and workers)
-
-    def __post_init__(self):
-        for name in ("batch_size", "decode_threads"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.workers < 0:
-            raise ValueError(f"--workers must be 0 (auto) or more, got {self.workers}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
-        if self.gpu_wait < 0:
-            raise ValueError(f"--gpu-wait must be 0 or more seconds, got {self.gpu_wait}")
-
-
-@dataclass
-class BuildConfig(EncodeOptions):
-    images: list[str] = None  # image sources (folders, globs, listing files, URIs)
-    spaces: list[str] = None  # "v1", "xl=REPO[:SUBFOLDER]", "fx=/local/vae"
-    out: str = ""  # dataset folder or URI
-    tile_size: int = 1024  # tile side in pixels
-    max_tiles: int = 6  # tiles per image at most
-    min_size: int | None = None  # images whose short side is below this are skipped; None = tile_size // 2
-    max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are skipped as decompression bombs
-    shard_size: int = 64  # listed files per shard on average (the unit of resume and of work)
-    latent: str = "mean"  # "mean" of the encoder distribution, or "sample" (seeded by tile key)
-    store_std: bool = False  # also store the encoder distribution's std
-
-    def __post_init__(self):
-        super().__post_init__()
-        if not self.images or not self.out:
-            raise ValueError("give --images and --out")
-        # local sources and outputs are recorded absolute, so a rerun from another folder means the same data
-        self.images = [absolute(s) for s in self.images]
-        if self.min_size is None:  # small trials: 64 px tiles take images from 32 px, as 1024 px ones from 512
-            self.min_size = max(1, self.tile_size // 2)
-        for name in ("tile_size", "max_tiles", "min_size", "shard_size", "max_pixels"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.tile_size % 64:
-            raise ValueError(f"--tile-size must be a multiple of 64 (every space's factor), got {self.tile_size}")
-        if self.latent not in ("mean", "sample"):
-            raise ValueError(f"--latent must be mean or sample, got {self.latent!r}")
-
-    def cut(self) -> CutParams:
-        return CutParams(self.tile_size, self.max_tiles, self.min_size, self.max_pixels)
-
 
 def _say(quiet: bool, msg: str) -> None:
     if not quiet:
@@ -321,7 +258,7 @@ def build(cfg: BuildConfig) -> Manifest:
         folders = ["images", "tiles"] + [f"latents/{s}" for s in manifest.spaces]
         todo = _todo(store, manifest.shards, folders)
         worker = dict(root=store.uri, specs=specs, shapes={k: v.latent_shape for k, v in entries.items()},
-                      cut=cfg.cut(), store_std=cfg.store_std, batch_size=cfg.batch_size)
+                      cut=CutParams(cfg.tile_size, cfg.max_tiles, cfg.min_size, cfg.max_pixels), store_std=cfg.store_std, batch_size=cfg.batch_size)
         totals, progress = _encode(ray, todo, plan, cfg, worker, manifest.shards)
         earlier = sorted(set(range(manifest.shards)) - set(todo))
         add_counts(totals, _footer_counts(store, [images_path(s) for s in earlier],
@@ -376,12 +313,6 @@ def _refuse_empty(cfg: BuildConfig, store: Store, manifest: Manifest, created: b
 
 
 # ------------------------------------------------------------------------------------------ add-space
-
-
-@dataclass
-class AddSpaceConfig(EncodeOptions):
-    data: str = ""  # an existing, complete dataset
-    space: str = ""  # "fx" or "fx=REPO[:SUBFOLDER]" or "fx=/local/vae"
 
 
 def add_space(cfg: AddSpaceConfig) -> Manifest:

@@ -15,6 +15,9 @@ import json
 
 
 def _add_build(sub) -> None:
+    from .options import BuildConfig
+    from interposer.settings import add_flags
+
     p = sub.add_parser(
         "build", help="encode image tiles with several VAEs into an aligned Parquet dataset",
         description="Read images, cut up to --max-tiles tiles of --tile-size px from each, encode every tile with "
@@ -29,77 +32,37 @@ def _add_build(sub) -> None:
                    "single-file .safetensors checkpoint (v1=/models/vae/vae-ft-mse.safetensors); a CODE the registry "
                    "does not know defines a new space from its VAE")
     p.add_argument("--out", required=True, help="dataset folder or URI (s3://...)")
-    p.add_argument("--tile-size", type=int, default=1024, help="tile side in pixels, a multiple of 64 (default 1024)")
-    p.add_argument("--max-tiles", type=int, default=6, help="tiles per image at most (default 6)")
-    p.add_argument("--min-size", type=int, default=None,
-                   help="skip images whose short side is below this; smaller than --tile-size ones are enlarged "
-                   "(default: half of --tile-size, 512 for 1024 px tiles)")
-    p.add_argument("--max-pixels", type=int, default=1 << 28,
-                   help="skip images with more pixels as decompression bombs (default 268435456)")
-    p.add_argument("--shard-size", type=int, default=64,
-                   help="listed files per shard on average: the unit of work, of resume and of the files a trainer "
-                   "rank reads (default 64)")
-    _add_encoding_flags(p)
-    p.add_argument("--latent", choices=("mean", "sample"), default="mean",
-                   help="store the encoder distribution's mean (default) or a sample seeded by tile key")
-    p.add_argument("--store-std", action="store_true", help="also store the encoder distribution's std")
+    add_flags(p, BuildConfig)
     p.set_defaults(func=_cmd_build)
-
-
-def _add_encoding_flags(p) -> None:
-    p.add_argument("--batch-size", type=int, default=6,
-                   help="tiles per VAE forward pass; only one image's tiles share a pass (default 6)")
-    p.add_argument("--workers", type=int, default=0,
-                   help="encoder actors (default 0: one per GPU, growing as a cluster's GPU nodes join; "
-                   "1 without GPUs)")
-    p.add_argument("--gpus-per-worker", type=float, default=-1,
-                   help="GPUs per encoder actor; 0 encodes on CPU (default: 1 on a machine with a GPU or on a cluster "
-                   "(RAY_ADDRESS), where the build waits for the autoscaler's GPU nodes; else 0)")
-    p.add_argument("--gpu-wait", type=float, default=900, metavar="SECONDS",
-                   help="on a cluster with no GPU up yet, how long to wait for the autoscaler (default 900)")
-    p.add_argument("--decode-threads", type=int, default=3,
-                   help="image decode threads in each GPU encoder actor; it asks Ray for 1 CPU more than this "
-                   "(default 3)")
-    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
-                   help="encoder precision (default auto: bfloat16 on GPU, float32 on CPU); NaN/inf tiles are "
-                   "retried in float32")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="let VAEs that ship their own modelling code (config.json auto_map) run it, here and on every "
-                   "Ray worker; read that code first. Needed on every command that loads such a VAE")
-    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
-
-
-def _encode_options(args) -> dict:
-    return dict(batch_size=args.batch_size, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
-                dtype=args.dtype, gpu_wait=args.gpu_wait, decode_threads=args.decode_threads, quiet=args.quiet,
-                trust_remote_code=args.trust_remote_code)
 
 
 def _cmd_build(args) -> int:
     from .build import BuildConfig, build
+    from interposer.settings import given
 
-    build(BuildConfig(images=args.images, spaces=args.space, out=args.out, tile_size=args.tile_size,
-                      max_tiles=args.max_tiles, min_size=args.min_size, max_pixels=args.max_pixels,
-                      shard_size=args.shard_size, latent=args.latent, store_std=args.store_std,
-                      **_encode_options(args)))
+    build(BuildConfig(images=args.images, spaces=args.space, out=args.out, **given(args, BuildConfig)))
     return 0
 
 
 def _add_add_space(sub) -> None:
+    from .options import AddSpaceConfig
+    from interposer.settings import add_flags
+
     p = sub.add_parser(
         "add-space", help="encode one more latent space for the tiles a dataset already has",
         description="Re-derive the dataset's tiles from their sources and recorded boxes and encode only the new "
         "space; existing files stay byte-identical. Rerun the same command to finish after a stop.")
     p.add_argument("--data", required=True, help="an existing dataset folder or URI")
     p.add_argument("--space", required=True, metavar="CODE[=VAE]", help="the space to add, as in `data build`")
-    _add_encoding_flags(p)
+    add_flags(p, AddSpaceConfig)
     p.set_defaults(func=_cmd_add_space)
 
 
 def _cmd_add_space(args) -> int:
     from .build import AddSpaceConfig, add_space
+    from interposer.settings import given
 
-    add_space(AddSpaceConfig(data=args.data, space=args.space, **_encode_options(args)))
+    add_space(AddSpaceConfig(data=args.data, space=args.space, **given(args, AddSpaceConfig)))
     return 0
 
 

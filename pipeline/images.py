@@ -13,8 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageCms, ImageFile, ImageOps, UnidentifiedImageError
 
+from .options import DEFAULT_MAX_PIXELS
+
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is skipped, never half-grey
-DEFAULT_MAX_PIXELS = 1 << 28  # 268 MP: above this an image is treated as a decompression bomb
 
 
 class Skip(Exception):

@@ -18,10 +18,10 @@ from typing import Callable, Iterator
 
 from interposer.cluster import start_ray
 
+from .options import DECODE_THREADS
+
 # What an encoder actor asks Ray for (cluster.yaml's encode_gpu node type is sized to fit; a test checks it).
 ENCODER_CPUS = 1.0  # the actor's own thread: feeding the GPU, writing the shard's files
-DECODE_THREADS = 3  # image decode + tile threads inside each GPU actor, each a CPU the actor also asks for
-DEFAULT_GPU_WAIT = 900.0  # seconds to wait for an autoscaler's first GPU node (spot nodes take minutes)
 
 
 def ray_for_data():

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 
 def _add_train(sub) -> None:
+    from .config import add_train_flags
+
     p = sub.add_parser(
         "train", help="train an interposer on a dataset with Ray Train (DDP; resumable)",
         description="Train a src -> dst interposer (and its dst -> src partner) on a dataset built by "
@@ -22,34 +24,7 @@ def _add_train(sub) -> None:
     p.add_argument("--out", required=True, help="runs folder or URI (s3://...); the run lives in OUT/NAME")
     p.add_argument("--name", required=True, help="run name: rerun with the same name to resume")
     p.add_argument("--config", default=None, help="YAML config (ours, or a city96 v4 file)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 50000)")
-    p.add_argument("--batch", type=int, default=None, help="global batch of crops (default 128)")
-    p.add_argument("--crop", type=int, default=None, help="crop side in source latent pixels (default 32)")
-    p.add_argument("--workers", type=int, default=None, help="Ray Train workers / DDP ranks (default 1)")
-    p.add_argument("--gpu", action="store_true", default=None, help="one GPU per worker, bf16 autocast")
-    p.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (default 1000)")
-    p.add_argument("--eval-every", type=int, default=None, help="steps between validation L1 (default 1000)")
-    p.add_argument("--val-fraction", type=float, default=None,
-                   help="share of images held out for validation, chosen by image id (default 0.02; 0: none)")
-    p.add_argument("--max-failures", type=int, default=None,
-                   help="worker failures recovered from the latest checkpoint by Ray Train (default 3; -1: always)")
-    p.add_argument("--seed", type=int, default=None, help="seed of every random draw (default 0)")
-    p.add_argument("--arch", choices=("auto", "v4", "shuffle"), default=None,
-                   help="network: v4 (city96's layout; released files), shuffle (pixel (un)shuffle resampling, "
-                   "normalised, with a linear path); default auto: v4 where both spaces have one spatial factor, "
-                   "shuffle where they differ")
-    p.add_argument("--lr", type=float, default=None,
-                   help="AdamW learning rate (default: the network's recipe, v4 5e-4, shuffle 2e-3)")
-    p.add_argument("--ch-mid", type=int, default=None, help="network width (default 64)")
-    p.add_argument("--blocks", type=int, default=None, help="residual blocks (default 12)")
-    p.add_argument("--fconst", type=int, default=None,
-                   help="steps at constant learning rate before the cosine decay to the last step (default 30000; "
-                   "0: decay over the whole run)")
-    p.add_argument("--decoded-loss-weight", type=float, default=None,
-                   help="weight of an L1 loss in pixels through the frozen target decoder (default 0: off)")
-    p.add_argument("--fallback-checkpoint", action="store_true", default=None,
-                   help="if the latest checkpoint is unreadable (e.g. truncated), resume from the previous one "
-                   "(default: stop with an error naming it)")
+    add_train_flags(p.add_argument_group("settings (each also a --config key; see the README's table)"))
     p.add_argument("--rev", default="v5.0", help="version in the exported released-layout file name (default v5.0)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="let a target VAE that ships its own code run it (needed only with a decoded loss, which "
@@ -60,16 +35,11 @@ def _add_train(sub) -> None:
 def _cmd_train(args) -> int:
     from interposer.pipeline.schema import read_manifest, register_manifest_spaces
 
-    from .config import load_config
+    from .config import load_config, train_flags_given
     from .driver import RunSpec, train
 
     register_manifest_spaces(read_manifest(args.data))  # first: --src/--dst may name the dataset's own spaces
-    cfg = load_config(args.config, src=args.src, dst=args.dst, steps=args.steps, batch=args.batch, crop=args.crop,
-                      workers=args.workers, gpu=args.gpu, checkpoint_every=args.checkpoint_every,
-                      eval_every=args.eval_every, max_failures=args.max_failures, seed=args.seed,
-                      fallback_checkpoint=args.fallback_checkpoint, val_fraction=args.val_fraction, arch=args.arch,
-                      lr=args.lr, ch_mid=args.ch_mid, blocks=args.blocks, fconst=args.fconst,
-                      decoded_loss_weight=args.decoded_loss_weight)
+    cfg = load_config(args.config, src=args.src, dst=args.dst, **train_flags_given(args))
     train(cfg, RunSpec(data=args.data, out=args.out, name=args.name, rev=args.rev,
                        trust_remote_code=args.trust_remote_code))
     return 0

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from interposer.settings import (add_flags, at_least, check_settings, fraction, given, not_negative, positive, resumable,
+                                 setting)
 from interposer.spaces import default_args, get_space, pair_scale
 
 
@@ -32,75 +34,90 @@ RECIPE_LR = {"v4": 5e-4, "shuffle": 2e-3}
 
 @dataclass
 class ModelConfig:
-    ch_mid: int = 64  # network width
-    blocks: int = 12  # residual blocks
-    arch: Arch = "auto"  # network: v4 (city96's layout), shuffle (pixel (un)shuffle resampling, normalised, linear
-    #                      path); auto = v4 for pairs of one spatial factor, shuffle where the factors differ
+    ch_mid: int = setting(64, "network width", at_least(1))
+    blocks: int = setting(12, "residual blocks", at_least(0))
+    arch: Arch = setting("auto", "network: v4 (city96's layout; released files), shuffle (pixel (un)shuffle "
+                         "resampling, normalised, with a linear path); default auto: v4 where both spaces have one "
+                         "spatial factor, shuffle where they differ")
 
 
 @dataclass
 class OptimConfig:
-    lr: float | None = None  # AdamW learning rate; None = the network's recipe (v4 5e-4, shuffle 2e-3)
-    beta1: float = 0.5
-    beta2: float = 0.95
-    weight_decay: float = 0.01  # AdamW's default
-    grad_clip: float = 0.0  # max gradient norm; 0 = off
+    lr: float | None = setting(None, "AdamW learning rate (default: the network's recipe, v4 5e-4, shuffle 2e-3)",
+                               positive)
+    beta1: float = setting(0.5, "AdamW beta1", fraction)
+    beta2: float = setting(0.95, "AdamW beta2", fraction)
+    weight_decay: float = setting(0.01, "AdamW weight decay", not_negative)
+    grad_clip: float = setting(0.0, "max gradient norm; 0: off", not_negative)
 
 
 @dataclass
 class ScheduleConfig:
-    steps: int = 50_000  # optimizer steps in all
-    fconst: int = 30_000  # steps at constant LR first
-    cosine: bool = True  # then a cosine decay to 1e-8 at the last step (False: constant LR throughout)
+    steps: int = setting(50_000, "optimizer steps in all", at_least(1))
+    fconst: int = setting(30_000, "steps at constant learning rate first; 0: decay over the whole run", at_least(0))
+    cosine: bool = setting(True, "then a cosine decay to 1e-8 at the last step (off: constant throughout)")
 
 
 @dataclass
 class LossConfig:
-    p_loss_weight: float = 1.0  # L1(primary(src), dst)
-    b_loss_weight: float = 0.0  # L1(secondary(dst), src)
-    r_loss_weight: float = 0.0  # L1(secondary(primary(src)), src): round trip through both
-    h_loss_weight: float = 0.0  # L1(primary(secondary(dst)), dst)
-    dc_loss_weight: float = 0.0  # L1 between per-channel means of primary(src) and dst (colour shift)
-    decoded_loss_weight: float = 0.0  # L1 in pixels through the frozen dst decoder (colour/hue shift)
-    decoded_every: int = 10  # steps between decoded-space losses
-    decoded_crop: int = 8  # target-space latent pixels decoded per sample (small: the decoder is costly)
+    p_loss_weight: float = setting(1.0, "L1(primary(src), dst)", not_negative)
+    b_loss_weight: float = setting(0.0, "L1(secondary(dst), src)", not_negative)
+    r_loss_weight: float = setting(0.0, "L1(secondary(primary(src)), src): the round trip through both",
+                                   not_negative)
+    h_loss_weight: float = setting(0.0, "L1(primary(secondary(dst)), dst)", not_negative)
+    dc_loss_weight: float = setting(0.0, "L1 between per-channel means of primary(src) and dst (colour shift)",
+                                    not_negative)
+    decoded_loss_weight: float = setting(0.0, "L1 in pixels through the frozen target decoder (colour, hue)",
+                                         not_negative)
+    decoded_every: int = setting(10, "steps between decoded-space losses", at_least(1))
+    decoded_crop: int = setting(8, "target latent pixels decoded per sample (small: the decoder is costly)",
+                                at_least(1))
 
 
 @dataclass
 class DataConfig:
-    batch: int = 128  # global batch (crops), split evenly over the workers
-    crop: int = 32  # crop side in source-space latent pixels (the target crop follows the factors)
-    val_fraction: float = 0.02  # share of *images* (never tiles) held out, chosen by image id
+    batch: int = setting(128, "global batch of crops, split evenly over the workers", at_least(1))
+    crop: int = setting(32, "crop side in source latent pixels (the target crop follows the factors)",
+                        at_least(1))
+    val_fraction: float = setting(0.02, "share of images (never tiles) held out for validation, chosen by image "
+                                  "id; 0: none", fraction)
 
 
 @dataclass
 class LogConfig:
-    log_every: int = 50  # steps between progress lines and TensorBoard points
-    eval_every: int = 1000  # steps between validation L1 evaluations
-    eval_tiles: int = 64  # validation tiles per evaluation (whole tiles, not crops; only these are read)
+    log_every: int = setting(50, "steps between progress lines and TensorBoard points", at_least(1),
+                             resumable=True)
+    eval_every: int = setting(1000, "steps between validation L1 evaluations", at_least(1), resumable=True)
+    eval_tiles: int = setting(64, "validation tiles per evaluation (whole tiles; only these are read)",
+                              at_least(1), resumable=True)
 
 
 @dataclass
 class CheckpointConfig:
-    checkpoint_every: int = 1000  # steps between checkpoints
-    num_to_keep: int = 3  # checkpoints kept
-    fallback_checkpoint: bool = False  # an unreadable latest checkpoint: resume from the previous one
-    preemption_check_every: int = 20  # steps between checks for a spot-preemption notice (a barrier)
+    checkpoint_every: int = setting(1000, "steps between checkpoints", at_least(1), resumable=True)
+    num_to_keep: int = setting(3, "checkpoints kept", at_least(1), resumable=True)
+    fallback_checkpoint: bool = setting(False, "if the latest checkpoint is unreadable (e.g. truncated), resume "
+                                        "from the previous one (off: stop with an error naming it)",
+                                        resumable=True)
+    preemption_check_every: int = setting(20, "steps between checks for a spot-preemption notice (a barrier)",
+                                          at_least(1), resumable=True)
 
 
 @dataclass
 class ResourceConfig:
-    workers: int = 1  # Ray Train workers (DDP ranks)
-    gpu: bool = False  # one GPU per worker; bf16 autocast
-    cpus_per_worker: int = 0  # CPUs (and torch threads) per worker; 0 = the cluster's CPUs / workers without
-    #                           GPUs, 1 with them
-    max_failures: int = 3  # worker failures Ray Train recovers from by itself
+    workers: int = setting(1, "Ray Train workers (DDP ranks)", at_least(1))
+    gpu: bool = setting(False, "one GPU per worker, bf16 autocast")
+    cpus_per_worker: int = setting(0, "CPUs (and torch threads) per worker; 0: the cluster's CPUs / workers "
+                                   "without GPUs, 1 with them", at_least(0), resumable=True)
+    max_failures: int = setting(3, "worker failures Ray Train recovers from by itself, from the latest "
+                                "checkpoint; -1: always", at_least(-1), resumable=True)
 
 
 GROUPS = dict(model=ModelConfig, optim=OptimConfig, schedule=ScheduleConfig, loss=LossConfig, data=DataConfig,
               log=LogConfig, checkpoint=CheckpointConfig, resources=ResourceConfig)
 # every setting's flat name (the command-line flag and the YAML key) -> its group
 FLAT = {f.name: group for group, cls in GROUPS.items() for f in dataclasses.fields(cls)}
+RESUMABLE = resumable(*GROUPS.values())  # settings that do not change what is computed: a resume may change them
 
 
 @dataclass
@@ -110,7 +127,7 @@ class TrainConfig:
 
     src: str = "xl"  # source latent space (the primary model's input)
     dst: str = "v1"  # target latent space
-    seed: int = 0  # every random draw is a function of (seed, step, rank)
+    seed: int = setting(0, "seed of every random draw: each is a function of (seed, step, rank)", at_least(0))
     layout: Literal["raw"] = "raw"  # the networks map raw VAE latents
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -153,31 +170,14 @@ class TrainConfig:
         self.src, self.dst = get_space(self.src).code, get_space(self.dst).code
         if self.src == self.dst:
             raise ValueError(f"src and dst are both {self.src}: nothing to train")
-        if self.model.arch not in ("auto", *ARCH_NAMES):
-            raise ValueError(f"arch must be auto, {' or '.join(ARCH_NAMES)}, got {self.model.arch!r}")
+        for part in (self, *(getattr(self, group) for group in GROUPS)):
+            check_settings(part)
         if self.model.arch == "auto":  # resolved here, so that run records hold the network actually trained
             self.model.arch = "v4" if pair_scale(self.src, self.dst) == 1 else "shuffle"
         if self.optim.lr is None:
             self.optim.lr = RECIPE_LR[self.model.arch]
-        flat = self.flat()
-        positive = ("steps", "batch", "crop", "ch_mid", "eval_every", "checkpoint_every", "log_every",
-                    "workers", "num_to_keep", "decoded_every", "decoded_crop", "eval_tiles",
-                    "preemption_check_every")
-        for name in positive:
-            if not isinstance(flat[name], int) or isinstance(flat[name], bool) or flat[name] < 1:
-                raise ValueError(f"{name} must be a positive integer, got {flat[name]!r}")
-        for name in ("blocks", "fconst", "cpus_per_worker"):
-            if not isinstance(flat[name], int) or flat[name] < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {flat[name]!r}")
         if self.data.batch % self.resources.workers:
             raise ValueError(f"batch {self.data.batch} must divide evenly over {self.resources.workers} workers")
-        for name in ("p", "b", "r", "h", "dc", "decoded"):
-            if flat[f"{name}_loss_weight"] < 0:
-                raise ValueError(f"{name}_loss_weight must not be negative")
-        if not 0 <= self.data.val_fraction < 1:
-            raise ValueError(f"val_fraction must be in [0, 1), got {self.data.val_fraction}")
-        if self.optim.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.optim.lr}")
         crop, scale = self.data.crop, pair_scale(self.src, self.dst)
         if (crop * scale) != int(crop * scale) or crop * scale < 1:
             raise ValueError(f"crop {crop} times the {self.src}->{self.dst} scale {scale} must be a whole number")
@@ -194,6 +194,18 @@ class TrainConfig:
     def model_args(self, reverse: bool = False) -> dict:
         s, d = (self.dst, self.src) if reverse else (self.src, self.dst)
         return default_args(s, d) | dict(ch_mid=self.model.ch_mid, blocks=self.model.blocks)  # the pair's, our size
+
+
+def add_train_flags(parser) -> None:
+    """A flag for every setting: the seed, then each group's fields in order."""
+    add_flags(parser, TrainConfig)
+    for cls in GROUPS.values():
+        add_flags(parser, cls)
+
+
+def train_flags_given(args) -> dict[str, Any]:
+    """The settings given as flags, by flat name."""
+    return {k: v for cls in (TrainConfig, *GROUPS.values()) for k, v in given(args, cls).items()}
 
 
 # city96 v4 keys that have no counterpart here, and what replaces each (named in one warning)

@@ -29,14 +29,11 @@ from interposer.weights import is_v4
 from interposer.pipeline.schema import DatasetFiles, images_path, read_manifest, register_manifest_spaces
 
 from .checkpoint import load_final
-from .config import TrainConfig
+from .config import RESUMABLE, TrainConfig
 from .data import check_pair
 from .publish import EXPORT
 
 RUN_RECORD = "interposer-run.json"
-# settings that do not change what is computed: a resume may change them
-_FREE = ("max_failures", "log_every", "checkpoint_every", "eval_every", "eval_tiles", "num_to_keep",
-         "preemption_check_every", "cpus_per_worker", "fallback_checkpoint")
 
 
 def worker_request(cfg: TrainConfig, cluster_cpus: int = 1) -> dict[str, float]:
@@ -109,7 +106,7 @@ def _check_resume(cfg: TrainConfig, spec: RunSpec, fingerprint: str) -> dict | N
                     for k, v in (value.items() if isinstance(value, dict) else [(key, value)])}
     recorded.setdefault("arch", "v4")  # records from before the shuffle network trained v4 for every pair
     for key, old in recorded.items():
-        if key not in _FREE and new.get(key) != old:
+        if key not in RESUMABLE and new.get(key) != old:
             diffs.append(f"{key}: the run has {old!r}, you asked {new.get(key)!r}")
     if diffs:
         raise ValueError(f"run {_run_dir(spec)} exists with different settings ({'; '.join(diffs)}); "
