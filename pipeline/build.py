@@ -16,10 +16,9 @@ from __future__ import annotations
 
 from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 
 from interposer import __version__
-from interposer.files import absolute
 from interposer.spaces import get_space, is_builtin
 
 from .encoder import VAESpec, load_vae, parse_space_arg, resolve_source, source_fingerprint
