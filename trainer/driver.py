@@ -208,7 +208,7 @@ def train(cfg: TrainConfig, spec: RunSpec) -> Path | str:
 
     from interposer.cluster import start_ray
 
-    from .loop import train_loop_per_worker
+    from .loop import WorkerJob, train_loop_per_worker
 
     started = start_ray(log_to_driver=True)
     try:
@@ -223,10 +223,10 @@ def train(cfg: TrainConfig, spec: RunSpec) -> Path | str:
         cpus = int(request["CPU"])
         trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config=dict(cfg=cfg.to_dict(), data=spec.data, fingerprint=fingerprint, threads=cpus,
-                                   trust_remote_code=spec.trust_remote_code, stats=stats,
-                                   has_val=has_val, started_at=begun,
-                                   tensorboard=f"{_run_dir(spec)}/tensorboard" if _local(spec.out) else None),
+            train_loop_config=dict(job=WorkerJob(
+                cfg, spec.data, fingerprint, threads=cpus, trust_remote_code=spec.trust_remote_code, stats=stats,
+                has_val=has_val, started_at=begun,
+                tensorboard=f"{_run_dir(spec)}/tensorboard" if _local(spec.out) else None)),
             scaling_config=ScalingConfig(num_workers=cfg.resources.workers, use_gpu=cfg.resources.gpu,
                                          resources_per_worker=request),
             run_config=RunConfig(name=spec.name, storage_path=storage,

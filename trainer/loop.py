@@ -10,6 +10,7 @@ from __future__ import annotations
 import resource
 import tempfile
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -155,22 +156,38 @@ def _report_checkpoint(metrics: dict, models: tuple, optims: dict, done: int, po
                      delete_local_checkpoint_after_upload=True)
 
 
+@dataclass(frozen=True)
+class WorkerJob:
+    """What the driver tells every training worker (Ray hands it over pickled, in train_loop_config["job"])."""
+
+    cfg: TrainConfig
+    data: str  # the dataset: an absolute folder or a URI
+    fingerprint: str  # what the pair's latents depend on (driver.pair_fingerprint), kept in every checkpoint
+    threads: int = 1  # torch threads: the CPUs Ray gave the worker
+    trust_remote_code: bool = False  # a decoded loss may load a target VAE that runs its own code
+    stats: dict | None = None  # per-channel latent statistics the shuffle network normalises with
+    has_val: bool = True  # whether the validation split holds an image (decided once, by the driver)
+    started_at: float | None = None  # the command's start (time.time()): each rank reports its time to a first step
+    tensorboard: str | None = None  # rank 0's TensorBoard folder; None: none (runs in object storage)
+
+
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
 
     from interposer.pipeline.schema import read_manifest, register_manifest_spaces
 
     _quiet_ray_train_reports()
-    register_manifest_spaces(read_manifest(config["data"]))  # this worker process: before the config names them
-    cfg = TrainConfig.from_dict(config["cfg"])
+    job: WorkerJob = config["job"]
+    register_manifest_spaces(read_manifest(job.data))  # this worker process: the dataset's own spaces
+    cfg = job.cfg
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if cfg.resources.gpu else torch.device("cpu")
-    torch.set_num_threads(config.get("threads", 1))
+    torch.set_num_threads(job.threads)
 
-    reader = PairReader(config["data"], cfg.src, cfg.dst, cfg.data.val_fraction)
+    reader = PairReader(job.data, cfg.src, cfg.dst, cfg.data.val_fraction)
     stream = CropStream(reader, cfg.data.crop, cfg.data.batch, cfg.seed, rank, world)  # this rank's share, streamed
-    primary, secondary = build_models(cfg, config.get("stats"))
+    primary, secondary = build_models(cfg, job.stats)
     optims = {"primary": build_optim(cfg, primary)}
     if cfg.uses_secondary:
         optims["secondary"] = build_optim(cfg, secondary)
@@ -182,22 +199,22 @@ def train_loop_per_worker(config: dict) -> None:
     primary = on_device(primary)
     secondary = on_device(secondary) if cfg.uses_secondary else secondary.to(device)
     unwrap = lambda m: getattr(m, "module", m)  # noqa: E731
-    decoder = _decoder(cfg, config["data"], device, config.get("trust_remote_code", False)) \
+    decoder = _decoder(cfg, job.data, device, job.trust_remote_code) \
         if cfg.loss.decoded_loss_weight else None
 
     # whether a step evaluates must be decided the same on every rank: it decides a collective below
-    has_val = config.get("has_val", bool(cfg.data.val_fraction))
+    has_val = job.has_val
     val = None
     if rank == 0 and has_val:  # the first eval_tiles validation tiles, and only their row groups
         val = reader.take("val", cfg.log.eval_tiles)
         val = torch.from_numpy(val.src), torch.from_numpy(val.dst)
     writer = None
-    if rank == 0 and config.get("tensorboard"):
+    if rank == 0 and job.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(config["tensorboard"], purge_step=start)
+        writer = SummaryWriter(job.tensorboard, purge_step=start)
 
-    meter = _Meter(start, config.get("started_at"))
+    meter = _Meter(start, job.started_at)
     for step in range(start, cfg.schedule.steps):
         torch.manual_seed(step_seed(cfg.seed, step, rank, 2))  # dropout: a function of (seed, step, rank)
         src, dst = stream.next(step)
@@ -223,7 +240,7 @@ def train_loop_per_worker(config: dict) -> None:
             _log(cfg, metrics, done, rate, preempted, writer)
         if save and rank == 0:
             _report_checkpoint(metrics, (unwrap(primary), unwrap(secondary)), optims, done, positions, cfg,
-                               config["fingerprint"], last=done == cfg.schedule.steps or preempted)
+                               job.fingerprint, last=done == cfg.schedule.steps or preempted)
         else:
             ray.train.report(metrics)
     stream.close()
