@@ -16,7 +16,9 @@ from __future__ import annotations
 
 from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, replace
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Callable
 
 from interposer import __version__
 from interposer.spaces import get_space, is_builtin
@@ -27,6 +29,7 @@ from .objectstore import check_uri
 from .options import DECODE_THREADS, AddSpaceConfig, BuildConfig, EncodeOptions  # noqa: F401  (re-exported)
 from .inspection import inspect_dataset  # noqa: F401  (re-exported)
 from .progress import Progress
+from .shards import AddSpaceShard, BuildShard
 from .rows import CutParams
 from .run import (
     ENCODER_CPUS,
@@ -122,6 +125,34 @@ def _plan(ray, opts: EncodeOptions) -> tuple[EncoderPlan, str]:
 # ------------------------------------------------------------------------- encoding what is missing
 
 
+@dataclass
+class _Work:
+    """What a command encodes, as data: all that differs between `data build` and `data add-space` once the
+    dataset is indexed."""
+
+    worker: type  # the ShardWorker that does one shard: BuildShard or AddSpaceShard
+    kwargs: dict  # its arguments
+    folders: list[str]  # a shard is done when each of these folders holds its file
+    done_file: Callable[[int], str]  # the file of a done shard whose Parquet footer tells its counts
+    done_counts: Callable[[Any], dict]  # that footer -> the shard's counts
+
+
+@contextmanager
+def _encoders(opts: EncodeOptions, places: list[tuple[str, str]], specs: list[VAESpec]):
+    """Ray (started here unless a cluster's is given), every node checked on a cluster (it reaches `places`
+    and the VAEs, or one line names the node that does not), the encoders planned; yields (ray, plan, specs
+    at the encoders' dtype)."""
+    ray, started = ray_for_data()
+    try:
+        if on_cluster():
+            check_nodes(ray, places, _vae_paths(specs))
+        plan, dtype = _plan(ray, opts)
+        yield ray, plan, [replace(spec, dtype=dtype) for spec in specs]
+    finally:
+        if started:
+            ray.shutdown()
+
+
 def _todo(store: Store, shards: int, folders: list[str]) -> list[int]:
     """Shards not on disk yet, from one listing per folder (no existence check per file)."""
     done = set(range(shards))
@@ -130,28 +161,25 @@ def _todo(store: Store, shards: int, folders: list[str]) -> list[int]:
     return [s for s in range(shards) if s not in done]
 
 
-def _encode(ray, todo: list[int], plan: EncoderPlan, opts: EncodeOptions, worker_kwargs: dict,
-            shards: int) -> tuple[dict, Progress]:
-    """Encode the `todo` shards; returns this run's summed counts and its progress record."""
+def _encode_missing(ray, store: Store, shards: int, plan: EncoderPlan, opts: EncodeOptions,
+                    work: _Work) -> tuple[dict, Progress]:
+    """Encode the shards not on disk yet; returns the counts of every shard (this run's summed as they land,
+    earlier runs' read from their files' footers) and this run's progress record."""
+    todo = _todo(store, shards, work.folders)
     _say(opts.quiet, f"{shards} shards, {len(todo)} to encode; {plan.describe()}")
     progress = Progress(shards_total=len(todo), quiet=opts.quiet)
     totals: dict = {}
     try:
-        for shard, summary, times in run_shards(ray, todo, plan, worker_kwargs):
+        for shard, summary, times in run_shards(ray, todo, plan, work.worker, work.kwargs):
             add_counts(totals, summary)
             progress.landed(shard, summary, times)
     finally:
         progress.close()
-    return totals, progress
-
-
-def _footer_counts(store: Store, paths: list[str], read) -> dict:
-    """Sum read(footer) over files written by earlier runs (footers only, 16 at a time)."""
-    totals: dict = {}
-    with ThreadPoolExecutor(16) as pool:
-        for counts in pool.map(lambda p: read(store.read_footer(p)), paths):
+    earlier = sorted(set(range(shards)) - set(todo))
+    with ThreadPoolExecutor(16) as pool:  # footers only, 16 at a time
+        for counts in pool.map(lambda s: work.done_counts(store.read_footer(work.done_file(s))), earlier):
             add_counts(totals, counts)
-    return totals
+    return totals, progress
 
 
 # ---------------------------------------------------------------------------------------------- build
@@ -213,12 +241,9 @@ def build(cfg: BuildConfig) -> Manifest:
             _say(cfg.quiet, f"{cfg.out} is complete ({old.counts.get('tiles', 0)} tiles); nothing to do")
             return old
 
-    ray, started = ray_for_data()
-    try:
-        if on_cluster():  # every node reaches the bucket and the VAEs, or one line names the node that does not
-            check_nodes(ray, [(cfg.out, "--out"), *[(s, "--images") for s in cfg.images]], _vae_paths(specs))
-        plan, dtype = _plan(ray, cfg)
-        specs = [replace(spec, dtype=dtype) for spec in specs]
+    places = [(cfg.out, "--out"), *[(s, "--images") for s in cfg.images]]
+    with _encoders(cfg, places, specs) as (ray, plan, specs):
+        dtype = specs[0].dtype
         for entry in entries.values():
             entry.dtype = dtype
         manifest.args = {k: v for k, v in asdict(cfg).items() if k not in ("quiet", "out")} | dict(dtype=dtype)
@@ -231,44 +256,44 @@ def build(cfg: BuildConfig) -> Manifest:
         removed = store.remove_temporaries()
         if removed:
             _say(cfg.quiet, f"removed {removed} half-written file(s) a stopped run left")
-
         if not manifest.indexed:
-            _say(cfg.quiet, f"indexing {', '.join(cfg.images)}: listing, reading and hashing every file on the workers")
-
-            def write_manifest(shards: int) -> None:  # the listing found images: from here on files are written
-                manifest.shards = shards
-                store.write_bytes(MANIFEST, manifest.to_json().encode())
-
-            failure = None
-            try:
-                shards, counts = build_index(ray, cfg.images, cfg.shard_size, store, write_manifest)
-            except Exception as e:
-                failure = user_error(e)
-                if failure is None:
-                    raise
-            if failure is not None:
-                raise failure
-            manifest.shards, manifest.indexed, manifest.index_counts = shards, True, counts
-            store.write_bytes(MANIFEST, manifest.to_json().encode())  # complete=False until the end
-            c = counts
-            _say(cfg.quiet, f"indexed {c['listed']} files: {c['unique_images']} unique images, {c['duplicates']} "
-                            f"duplicates, skipped {c['skipped'] or 'none'} -> {shards} shards")
-
-        folders = ["images", "tiles"] + [f"latents/{s}" for s in manifest.spaces]
-        todo = _todo(store, manifest.shards, folders)
-        worker = dict(root=store.uri, specs=specs, shapes={k: v.latent_shape for k, v in entries.items()},
-                      cut=CutParams(cfg.tile_size, cfg.max_tiles, cfg.min_size, cfg.max_pixels), store_std=cfg.store_std, batch_size=cfg.batch_size)
-        totals, progress = _encode(ray, todo, plan, cfg, worker, manifest.shards)
-        earlier = sorted(set(range(manifest.shards)) - set(todo))
-        add_counts(totals, _footer_counts(store, [images_path(s) for s in earlier],
-                                          lambda f: shard_summary(f.schema.to_arrow_schema().metadata)))
+            _index(ray, cfg, store, manifest)
+        cut = CutParams(cfg.tile_size, cfg.max_tiles, cfg.min_size, cfg.max_pixels)
+        shapes = {k: v.latent_shape for k, v in entries.items()}
+        work = _Work(BuildShard, dict(root=store.uri, specs=specs, shapes=shapes, cut=cut, store_std=cfg.store_std,
+                                      batch_size=cfg.batch_size),
+                     folders=["images", "tiles"] + [f"latents/{s}" for s in manifest.spaces], done_file=images_path,
+                     done_counts=lambda f: shard_summary(f.schema.to_arrow_schema().metadata))
+        totals, progress = _encode_missing(ray, store, manifest.shards, plan, cfg, work)
         manifest = _finish(cfg, store, manifest, totals, progress)
         if not manifest.counts.get("tiles"):
             _refuse_empty(cfg, store, manifest, created=old is None)
         return manifest
-    finally:
-        if started:
-            ray.shutdown()
+
+
+def _index(ray, cfg: BuildConfig, store: Store, manifest: Manifest) -> None:
+    """List, read and hash every source file on the workers into index/ (what each shard holds); the manifest
+    is written once the listing found images, and again with the shard count and the index counts."""
+    _say(cfg.quiet, f"indexing {', '.join(cfg.images)}: listing, reading and hashing every file on the workers")
+
+    def write_manifest(shards: int) -> None:  # the listing found images: from here on files are written
+        manifest.shards = shards
+        store.write_bytes(MANIFEST, manifest.to_json().encode())
+
+    failure = None
+    try:
+        shards, counts = build_index(ray, cfg.images, cfg.shard_size, store, write_manifest)
+    except Exception as e:
+        failure = user_error(e)
+        if failure is None:
+            raise
+    if failure is not None:
+        raise failure
+    manifest.shards, manifest.indexed, manifest.index_counts = shards, True, counts
+    store.write_bytes(MANIFEST, manifest.to_json().encode())  # complete=False until the end
+    c = counts
+    _say(cfg.quiet, f"indexed {c['listed']} files: {c['unique_images']} unique images, {c['duplicates']} "
+                    f"duplicates, skipped {c['skipped'] or 'none'} -> {shards} shards")
 
 
 def _finish(cfg: BuildConfig, store: Store, manifest: Manifest, totals: dict, progress: Progress) -> Manifest:
@@ -324,14 +349,9 @@ def add_space(cfg: AddSpaceConfig) -> Manifest:
     first = next(iter(manifest.spaces.values()))
     specs = _specs([cfg.space], first.latent, first.store_std, cfg.trust_remote_code)
     entry = _space_entries(specs, manifest.tile_size)[code]
-    ray, started = ray_for_data()
-    try:
-        if on_cluster():
-            check_nodes(ray, [(cfg.data, "--data"), *[(s, "the dataset's source") for s in manifest.sources]],
-                        _vae_paths(specs))
-        plan, dtype = _plan(ray, cfg)
-        specs = [replace(spec, dtype=dtype) for spec in specs]
-        entry.dtype = dtype
+    places = [(cfg.data, "--data"), *[(s, "the dataset's source") for s in manifest.sources]]
+    with _encoders(cfg, places, specs) as (ray, plan, specs):
+        entry.dtype = specs[0].dtype
         if code in manifest.spaces:
             old = manifest.spaces[code]
             diffs = _entry_diffs(code, old, entry, SAME_VAE)
@@ -347,14 +367,12 @@ def add_space(cfg: AddSpaceConfig) -> Manifest:
         store.write_bytes(MANIFEST, manifest.to_json().encode())
 
         _say(cfg.quiet, f"adding {code} to {cfg.data}")
-        todo = _todo(store, manifest.shards, [f"latents/{code}"])
         cut = CutParams(manifest.tile_size, manifest.max_tiles, manifest.min_size, manifest.max_pixels)
-        worker = dict(root=store.uri, specs=specs, shapes={code: entry.latent_shape}, cut=cut,
-                      store_std=entry.store_std, batch_size=cfg.batch_size, add=code)
-        totals, progress = _encode(ray, todo, plan, cfg, worker, manifest.shards)
-        earlier = sorted(set(range(manifest.shards)) - set(todo))
-        add_counts(totals, _footer_counts(store, [latents_path(code, s) for s in earlier],
-                                          lambda f: {"tiles": f.num_rows}))
+        work = _Work(AddSpaceShard, dict(root=store.uri, specs=specs, shapes={code: entry.latent_shape}, cut=cut,
+                                         store_std=entry.store_std, batch_size=cfg.batch_size),
+                     folders=[f"latents/{code}"], done_file=lambda s: latents_path(code, s),
+                     done_counts=lambda f: {"tiles": f.num_rows})
+        totals, progress = _encode_missing(ray, store, manifest.shards, plan, cfg, work)
         entry.tiles = totals.get("tiles", 0)
         missing = manifest.counts.get("tiles", 0) - entry.tiles
         if missing:
@@ -366,6 +384,3 @@ def add_space(cfg: AddSpaceConfig) -> Manifest:
         _say(cfg.quiet, f"done: {code} added, {entry.tiles} of {manifest.counts.get('tiles', 0)} tiles; "
                         f"{progress.summary()} -> {store.uri}")
         return manifest
-    finally:
-        if started:
-            ray.shutdown()

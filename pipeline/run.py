@@ -207,18 +207,17 @@ def user_error(error: BaseException) -> BaseException | None:
     return inner.with_traceback(None)
 
 
-def run_shards(ray, todo: list[int], plan: EncoderPlan, worker_kwargs: dict) -> Iterator[tuple[int, dict, tuple]]:
-    """Map ShardWorker over `todo` (in order); yield (shard, its counts, (began, ended) wall-clock times) as
-    each shard's files land."""
-    from .shards import ShardWorker
-
+def run_shards(ray, todo: list[int], plan: EncoderPlan, worker: type, worker_kwargs: dict
+               ) -> Iterator[tuple[int, dict, tuple]]:
+    """Map `worker` (a pipeline.shards.ShardWorker class) over `todo` (in order); yield (shard, its counts,
+    (began, ended) wall-clock times) as each shard's files land."""
     if not todo:
         return
     strategy = ray.data.ActorPoolStrategy(min_size=plan.min_workers, max_size=plan.max_workers,
                                           max_tasks_in_flight_per_actor=1)
     # one shard per block: a shard is handed out as soon as an actor is free, and reported as soon as it lands
     ds = ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=len(todo))
-    ds = ds.map_batches(ShardWorker, batch_size=1, compute=strategy, num_gpus=plan.gpus or None, num_cpus=plan.cpus,
+    ds = ds.map_batches(worker, batch_size=1, compute=strategy, num_gpus=plan.gpus or None, num_cpus=plan.cpus,
                         fn_constructor_kwargs=dict(worker_kwargs, device=plan.device, threads=plan.threads,
                                                    decode_threads=plan.decode_threads))
     try:

@@ -64,18 +64,18 @@ class ShardWorker:
     class name and message of the OSError that stopped it, or ""), "began"/"ended" (time.time() around the shard's
     work)}: metadata, never latents.
 
-    With `add` set it adds that one space to finished shards (`data add-space`): the tiles are re-derived from
-    the sources and the recorded boxes, and only latents/{add}/part-*.parquet is written."""
+    What a shard's work is, is the subclass's `shard`: BuildShard (`data build`) or AddSpaceShard (`data
+    add-space`)."""
 
     def __init__(self, root: str, specs: list[VAESpec], shapes: dict[str, list[int]], cut: CutParams,
                  store_std: bool = False, batch_size: int = 6, device: str = "cpu", threads: int = 0,
-                 decode_threads: int = 1, add: str | None = None):
+                 decode_threads: int = 1):
         import torch
 
         if threads:
             torch.set_num_threads(threads)  # a Ray actor's torch would otherwise use 1 thread
         self.store = Store(root)
-        self.specs, self.shapes, self.cut, self.add, self.store_std = specs, shapes, cut, add, store_std
+        self.specs, self.shapes, self.cut, self.store_std = specs, shapes, cut, store_std
         self.encoder = TileEncoder(specs, device=device, batch_size=batch_size)
         self.pool = ThreadPoolExecutor(max(1, decode_threads), thread_name_prefix="decode")
         self.ahead = max(1, decode_threads)
@@ -83,13 +83,12 @@ class ShardWorker:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         shards = [int(s) for s in batch["shard"]]
-        run = self.add_to_shard if self.add else self.build_shard
         summaries, kinds, errors, began, ended = [], [], [], [], []
         for s in shards:
             began.append(time.time())  # wall clock: the driver compares it with when the shard landed
             summary, kind, error = "", "", ""
             try:
-                summary = json.dumps(run(s), sort_keys=True)
+                summary = json.dumps(self.shard(s), sort_keys=True)
             except OSError as e:  # a full disk, an unreachable bucket: reported as data, so the driver can stop
                 kind, error = type(e).__name__, str(e)  # the run cleanly and print one line (bugs still raise)
             summaries.append(summary)
@@ -109,7 +108,13 @@ class ShardWorker:
         indices = list(cut.placement.indices)
         return indices, self.encoder.encode(cut.tiles, [tile_key(image_id, i) for i in indices])
 
-    def build_shard(self, shard: int) -> dict:
+    def shard(self, shard: int) -> dict:
+        """Do the shard's work and write its files; returns its counts."""
+        raise NotImplementedError
+
+
+class BuildShard(ShardWorker):
+    def shard(self, shard: int) -> dict:
         """Encode the shard's indexed images and write its latents, tiles and images files; returns its counts."""
         images = []
         if self.store.exists(index_path(shard)):  # no index part: no listed file fell into this shard
@@ -151,9 +156,13 @@ class ShardWorker:
         self.store.write_table(images_path(shard), images_table(image_rows, summary))  # last: marks it done
         return summary
 
-    def add_to_shard(self, shard: int) -> dict:
-        """Encode space `add` for the tiles the shard already has; writes latents/{add}/part-*.parquet only."""
-        code = self.add
+class AddSpaceShard(ShardWorker):
+    """Adds the one space of `shapes` to finished shards: the tiles are re-derived from the sources and the
+    recorded boxes, and only latents/{space}/part-*.parquet is written."""
+
+    def shard(self, shard: int) -> dict:
+        """Encode the space for the tiles the shard already has; returns its counts."""
+        (code,) = self.shapes
         wanted = self.store.read_table(tiles_path(shard)).column("tile_key").to_pylist()
         rows = self.store.read_table(images_path(shard)).to_pylist()
         images = [(r["image_id"], r["uri"]) for r in rows if r["status"] == "ok" and r["tiles"]]
