@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from interposer import load_interposer
 from interposer.spaces import get_space, pair_scale
-from interposer.vae import load_vae
+from interposer.vae import decode_raw, encode_raw, load_vae
 
 METHODS = ("interposer", "round trip", "linear", "identity")
 
@@ -87,7 +87,6 @@ def evaluate(model: str, data: str, split: str = "val", limit: int | None = 64, 
     from tqdm import tqdm
 
     from interposer.pipeline.schema import register_manifest_spaces
-    from interposer.vae import decode_raw, encode_raw
 
     from .data import PairReader
 
@@ -114,17 +113,7 @@ def evaluate(model: str, data: str, split: str = "val", limit: int | None = 64, 
         notes.append(f"no pixel metrics or picture: the {dst} VAE has no decoder (latent metrics only)")
 
     def vae(code):
-        entry, space = manifest.spaces[code], get_space(code)
-        source = (vaes or {}).get(code, entry.vae)
-        given = bool((vaes or {}).get(code))
-        loaded = load_vae(space, source, None if given else entry.subfolder, torch.float32, dev, trust_remote_code,
-                          None if given else entry.code)
-        side = 8 * space.factor  # a VAE of the wrong shape: one line now, not a convolution error later
-        got = encode_raw(loaded, space, torch.zeros(1, 3, side, side, device=dev))[0].shape[1:]
-        if tuple(got) != (space.channels, 8, 8):
-            raise ValueError(f"--vae {code}={source}: it makes latents of shape {tuple(got)} from a {side}px image; "
-                             f"{space.describe()} needs {(space.channels, 8, 8)}")
-        return loaded
+        return _load_vae(manifest, code, (vaes or {}).get(code), dev, trust_remote_code)
 
     src_vae = vae(src) if s.decoder else None
     dst_vae = vae(dst)
@@ -134,66 +123,97 @@ def evaluate(model: str, data: str, split: str = "val", limit: int | None = 64, 
     methods["linear"] = lambda z: apply_linear(w.to(dev), b.to(dev), z.to(dev), scale)
     if s.channels == d.channels:
         methods["identity"] = lambda z: resample(z.to(dev), scale)
-
-    acc = {m: dict(l1=0.0, mse=0.0, psnr_tile=[], ssim_tile=[], psnr_target=[], ssim_target=[], de=[], sec=0.0,
-                   l1_each=[]) for m in methods}
-    own = dict(psnr_tile=[], ssim_tile=[], delta_e=[])  # the target latent itself, decoded: the target VAE's ceiling
-    n_el = 0
-    pictures: dict[str, list[np.ndarray]] = {}  # column -> the first grid_tiles images, for the PNG
+    measured = _Measured(methods)
     bar = tqdm(range(0, len(rows), batch), desc="eval", unit="batch", leave=False)
     with torch.inference_mode():
         for i in bar:
-            zs, zt = x[i : i + batch], y[i : i + batch].to(dev)
             originals = [_original(r, manifest) for r in rows[i : i + batch]] if d.decoder else []
-            target_images = _to_images(decode_raw(dst_vae, d, zt)) if d.decoder else []
-            _keep(pictures, "original", originals, grid_tiles)
-            _keep(pictures, f"{dst} VAE", target_images, grid_tiles)
-            n_el += zt.numel()
-            for img, orig in zip(target_images, originals):  # the target VAE's own round trip of the tile
-                p1, s1 = image_metrics(img, orig)
-                own["psnr_tile"].append(p1), own["ssim_tile"].append(s1), own["delta_e"].append(mean_delta_e(img, orig))
-            for name, fn in methods.items():
-                if dev.type == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                pred = fn(zs).float()
-                if dev.type == "cuda":
-                    torch.cuda.synchronize()
-                a = acc[name]
-                a["sec"] += time.perf_counter() - start
-                a["l1"] += (pred - zt).abs().sum().item()
-                a["mse"] += ((pred - zt) ** 2).sum().item()
-                a["l1_each"] += (pred - zt).abs().flatten(1).mean(1).tolist()
-                if not d.decoder:
-                    continue
-                images = _to_images(decode_raw(dst_vae, d, pred))
-                if name != "identity":
-                    _keep(pictures, name, images, grid_tiles)
-                for img, orig, tgt in zip(images, originals, target_images):
-                    p1, s1 = image_metrics(img, orig)
-                    p2, s2 = image_metrics(img, tgt)
-                    a["psnr_tile"].append(p1), a["ssim_tile"].append(s1)
-                    a["psnr_target"].append(p2), a["ssim_target"].append(s2)
-                    a["de"].append(mean_delta_e(img, orig))
-    out_rows = []
-    finite = lambda v: float(np.mean([t for t in v if np.isfinite(t)])) if any(np.isfinite(v)) else None  # noqa: E731
-    for name, a in acc.items():
-        out_rows.append(dict(method=name, latent_l1=a["l1"] / n_el, latent_mse=a["mse"] / n_el,
-                             psnr_tile=finite(a["psnr_tile"]), ssim_tile=finite(a["ssim_tile"]),
-                             psnr_target=finite(a["psnr_target"]), ssim_target=finite(a["ssim_target"]),
-                             delta_e=finite(a["de"]), ms_per_latent=1000 * a["sec"] / len(rows),
-                             psnr_tile_each=[round(v, 3) for v in a["psnr_tile"]],
-                             latent_l1_each=[round(v, 5) for v in a["l1_each"]]))
+            measured.batch(x[i : i + batch], y[i : i + batch].to(dev), originals, dst_vae if d.decoder else None,
+                           d, dev, grid_tiles)
     result = dict(model=str(path), src=src, dst=dst, data=data, split=split, tiles=len(rows),
                   tile_size=manifest.tile_size, device=str(dev), linear_fit_tiles=len(fx),
                   tile_uris=[r["uri"] for r in rows],
                   linear_fit_data="this dataset's train split" if linear_data is None else str(linear_data),
-                  vaes={c: manifest.spaces[c].vae for c in (src, dst)}, rows=out_rows, notes=notes,
-                  target_vae={k: finite(v) for k, v in own.items()} if d.decoder else None)
-    if grid is not None and pictures.get("original"):
-        write_grid(pictures, grid, f"{src} -> {dst}")
+                  vaes={c: manifest.spaces[c].vae for c in (src, dst)}, rows=measured.rows(len(rows)), notes=notes,
+                  target_vae={k: _finite_mean(v) for k, v in measured.own.items()} if d.decoder else None)
+    if grid is not None and measured.pictures.get("original"):
+        write_grid(measured.pictures, grid, f"{src} -> {dst}")
         result["grid"] = Path(grid).name
     return result
+
+
+def _load_vae(manifest, code: str, given: str | None, dev: torch.device, trust_remote_code: bool):
+    """A space's VAE: the dataset's, or `given` (--vae CODE=SOURCE); checked to make the space's latents."""
+    entry, space = manifest.spaces[code], get_space(code)
+    source = given or entry.vae
+    loaded = load_vae(space, source, None if given else entry.subfolder, torch.float32, dev, trust_remote_code,
+                      None if given else entry.code)
+    side = 8 * space.factor  # a VAE of the wrong shape: one line now, not a convolution error later
+    got = encode_raw(loaded, space, torch.zeros(1, 3, side, side, device=dev))[0].shape[1:]
+    if tuple(got) != (space.channels, 8, 8):
+        raise ValueError(f"--vae {code}={source}: it makes latents of shape {tuple(got)} from a {side}px image; "
+                         f"{space.describe()} needs {(space.channels, 8, 8)}")
+    return loaded
+
+
+def _finite_mean(values: list[float]) -> float | None:
+    return float(np.mean([v for v in values if np.isfinite(v)])) if any(np.isfinite(values)) else None
+
+
+class _Measured:
+    """Every method's sums over the tiles seen so far, the target VAE's own figures, and the grid's pictures."""
+
+    def __init__(self, methods: dict):
+        self.methods = methods
+        self.acc = {m: dict(l1=0.0, mse=0.0, psnr_tile=[], ssim_tile=[], psnr_target=[], ssim_target=[], de=[],
+                            sec=0.0, l1_each=[]) for m in methods}
+        self.own = dict(psnr_tile=[], ssim_tile=[], delta_e=[])  # the target latent decoded: the VAE's ceiling
+        self.n_el = 0
+        self.pictures: dict[str, list[np.ndarray]] = {}  # column -> the first grid_tiles images, for the PNG
+
+    def batch(self, zs, zt, originals, dst_vae, d, dev, grid_tiles: int) -> None:
+        """One batch of source latents `zs`, target latents `zt` and their tiles; `dst_vae` None: latents only."""
+        target_images = _to_images(decode_raw(dst_vae, d, zt)) if dst_vae is not None else []
+        _keep(self.pictures, "original", originals, grid_tiles)
+        _keep(self.pictures, f"{d.code} VAE", target_images, grid_tiles)
+        self.n_el += zt.numel()
+        for img, orig in zip(target_images, originals):  # the target VAE's own round trip of the tile
+            p1, s1 = image_metrics(img, orig)
+            self.own["psnr_tile"].append(p1), self.own["ssim_tile"].append(s1)
+            self.own["delta_e"].append(mean_delta_e(img, orig))
+        for name, fn in self.methods.items():
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            pred = fn(zs).float()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            a = self.acc[name]
+            a["sec"] += time.perf_counter() - start
+            a["l1"] += (pred - zt).abs().sum().item()
+            a["mse"] += ((pred - zt) ** 2).sum().item()
+            a["l1_each"] += (pred - zt).abs().flatten(1).mean(1).tolist()
+            if dst_vae is None:
+                continue
+            images = _to_images(decode_raw(dst_vae, d, pred))
+            if name != "identity":
+                _keep(self.pictures, name, images, grid_tiles)
+            for img, orig, tgt in zip(images, originals, target_images):
+                p1, s1 = image_metrics(img, orig)
+                p2, s2 = image_metrics(img, tgt)
+                a["psnr_tile"].append(p1), a["ssim_tile"].append(s1)
+                a["psnr_target"].append(p2), a["ssim_target"].append(s2)
+                a["de"].append(mean_delta_e(img, orig))
+
+    def rows(self, tiles: int) -> list[dict]:
+        """The table: a row per method."""
+        return [dict(method=name, latent_l1=a["l1"] / self.n_el, latent_mse=a["mse"] / self.n_el,
+                     psnr_tile=_finite_mean(a["psnr_tile"]), ssim_tile=_finite_mean(a["ssim_tile"]),
+                     psnr_target=_finite_mean(a["psnr_target"]), ssim_target=_finite_mean(a["ssim_target"]),
+                     delta_e=_finite_mean(a["de"]), ms_per_latent=1000 * a["sec"] / tiles,
+                     psnr_tile_each=[round(v, 3) for v in a["psnr_tile"]],
+                     latent_l1_each=[round(v, 5) for v in a["l1_each"]])
+                for name, a in self.acc.items()]
 
 
 def _original(row: dict, manifest) -> np.ndarray:
