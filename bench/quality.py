@@ -2,6 +2,7 @@
 
     python bench/quality.py --vaes ../shared/vaes                  # ~15 min on 2 CPU cores
     python bench/quality.py --vaes ../shared/vaes --steps 200 --work /tmp/q   # a shorter trial
+    python bench/quality.py --vaes ../shared/vaes --steps 150,300,600,1200    # what more compute buys: + a plot
 
 `--vaes` is a folder holding `taef2/` (Flux.2's latent space, with a decoder) and `taesana/` (Sana's DC-AE
 space, /32, encoder only): VAEs with their own code, loaded with --trust-remote-code. Photos are the real ones
@@ -17,6 +18,9 @@ Stages, each the `interposer` command a user runs (in this process, through its 
 It prints the table (VAE round trip, linear map, interposer; both directions; latent L1 for -> sana, decoded
 PSNR against the original photo for -> fx2, where taef2 decodes) with each stage's wall time, how many held-out
 tiles the interposer beats linear on, and writes the eval grids (eval.png) beside each run's eval.json.
+With several budgets (`--steps 150,300,600,1200`) each is its own run (named by its steps: a finished run or
+dataset in --work is reused, never redone), the table has a row per budget and quality-steps.png in --work
+plots quality against steps in both directions, the round trip and the linear map as lines.
 """
 
 from __future__ import annotations
@@ -92,11 +96,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--vaes", required=True, help="folder with taef2/ and taesana/ (../shared/vaes here)")
     parser.add_argument("--work", default="bench-quality", help="folder for photos, datasets, runs (default ./bench-quality)")
-    parser.add_argument("--steps", type=int, default=600, help="training steps per direction (default 600)")
+    parser.add_argument("--steps", default="600",
+                        help="training steps per direction; comma-separated for several budgets (default 600)")
     parser.add_argument("--batch", type=int, default=16, help="batch of whole 256 px tiles (default 16)")
     parser.add_argument("--arch", default="auto",
                         help="networks to train, comma-separated: auto (the pair's default), v4, shuffle (default auto)")
     parser.add_argument("--extra", default="", help="more `interposer train` flags, quoted (e.g. '--lr 1e-3')")
+    parser.add_argument("--build-only", action="store_true",
+                        help="build (or finish) the two datasets in --work and stop: what bench/quality_loops.py reads")
     parser.add_argument("--tag", default="", help="suffix of the run names, to keep variants side by side")
     args = parser.parse_args()
     vaes, work = Path(args.vaes).resolve(), Path(args.work).resolve()
@@ -115,23 +122,81 @@ def main() -> None:
             print(f"{split}: {n} crops of {TILE} px from {len(names)} photos")
         times[f"build {split}"] = cli("data", "build", "--images", str(work / f"photos-{split}"), *spaces,
                                       "--tile-size", str(TILE), "--max-tiles", "1", "--out", str(data), "--quiet")
+    if args.build_only:
+        print("wall times: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
+        return
     results, arches = {}, args.arch.split(",")
-    for arch in arches:
-        for src, dst in (("fx2", "sana"), ("sana", "fx2")):
-            name = f"{src}-{dst}-{arch}{args.tag}"
-            crop = TILE // (8 if src == "fx2" else 32)
-            times[f"train {src}->{dst} {arch}"] = cli(
-                "train", "--data", str(work / "data-train"), "--src", src, "--dst", dst, "--out", str(work / "runs"),
-                "--name", name, "--steps", str(args.steps), "--batch", str(args.batch), "--crop", str(crop),
-                "--fconst", "0", "--val-fraction", "0", "--checkpoint-every", str(args.steps), "--eval-every",
-                str(args.steps), *(["--arch", arch] if arch != "auto" else []),
-                *args.extra.split())
-            times[f"eval {src}->{dst} {arch}"] = cli(
-                "eval", "--model", str(work / "runs" / name), "--data", str(work / "data-test"), "--split", "all",
-                "--limit", "0", "--linear-data", str(work / "data-train"), "--trust-remote-code")
-            results[(src, dst, arch)] = json.loads((work / "runs" / name / "export" / "eval.json").read_text())
+    budgets = [int(v) for v in args.steps.split(",")]
+    for steps in budgets:
+        for arch in arches:
+            for src, dst in (("fx2", "sana"), ("sana", "fx2")):
+                results[(src, dst, arch, steps)] = train_and_eval(work, src, dst, arch, steps, args, times)
     costs = {(src, dst): step_cost(src, dst) for src, dst in (("fx2", "sana"), ("sana", "fx2"))}
-    report(results, arches, costs, times)
+    report(results, arches, budgets, costs, times)
+    if len(budgets) > 1:
+        plot(results, arches, budgets, work / "quality-steps.png")
+        print(f"plot: {work / 'quality-steps.png'}")
+
+
+def train_and_eval(work: Path, src: str, dst: str, arch: str, steps: int, args, times: dict) -> dict:
+    """One budget of one direction through `interposer train` and `interposer eval`: the eval result."""
+    name = f"{src}-{dst}-{arch}-{steps}{args.tag}"
+    crop = TILE // (8 if src == "fx2" else 32)
+    times[f"train {src}->{dst} {arch} {steps}"] = cli(
+        "train", "--data", str(work / "data-train"), "--src", src, "--dst", dst, "--out", str(work / "runs"),
+        "--name", name, "--steps", str(steps), "--batch", str(args.batch), "--crop", str(crop),
+        "--fconst", "0", "--val-fraction", "0", "--checkpoint-every", str(steps), "--eval-every",
+        str(steps), *(["--arch", arch] if arch != "auto" else []), *args.extra.split())
+    result = work / "runs" / name / "export" / "eval.json"
+    if not result.is_file() or json.loads(result.read_text()).get("data") != str(work / "data-test"):
+        times[f"eval {src}->{dst} {arch} {steps}"] = cli(
+            "eval", "--model", str(work / "runs" / name), "--data", str(work / "data-test"), "--split", "all",
+            "--limit", "0", "--linear-data", str(work / "data-train"), "--trust-remote-code")
+    return json.loads(result.read_text())
+
+
+def _row(result: dict, method: str) -> dict | None:
+    return next((r for r in result["rows"] if r["method"] == method), None)
+
+
+def plot(results: dict, arches: list[str], budgets: list[int], path: Path) -> None:
+    """Quality against steps, a panel per direction: the interposer per network, the round trip and the
+    linear map as horizontal lines (PIL only)."""
+    from PIL import Image, ImageDraw
+
+    w, h, pad = 520, 340, 56
+    image = Image.new("RGB", (2 * w, h), "white")
+    draw = ImageDraw.Draw(image)
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
+    panels = [("fx2", "sana", "latent_l1", "fx2 -> sana: latent L1 (lower is better)"),
+              ("sana", "fx2", "psnr_tile", "sana -> fx2: decoded PSNR, dB (higher is better)")]
+    for p, (src, dst, key, title) in enumerate(panels):
+        x0, first = p * w, results[(src, dst, arches[0], budgets[0])]
+        lines = {m: _row(first, m)[key] for m in ("round trip", "linear") if _row(first, m) and _row(first, m)[key]}
+        curves = {a: [_row(results[(src, dst, a, s)], "interposer")[key] for s in budgets] for a in arches}
+        values = [v for c in curves.values() for v in c] + list(lines.values())
+        lo, hi = min(values), max(values)
+        lo, hi = lo - 0.08 * (hi - lo or 1), hi + 0.08 * (hi - lo or 1)
+        span = np.log(budgets[-1] / budgets[0])
+        lx = lambda s: x0 + pad + (w - 2 * pad) * np.log(s / budgets[0]) / span  # noqa: E731
+        ly = lambda v: h - pad - (h - 2 * pad) * (v - lo) / (hi - lo)  # noqa: E731
+        draw.rectangle([x0 + pad, pad, x0 + w - pad, h - pad], outline="black")
+        draw.text((x0 + pad, 18), title, fill="black")
+        for s in budgets:
+            draw.text((lx(s) - 10, h - pad + 8), str(s), fill="black")
+        draw.text((x0 + w // 2 - 30, h - 22), "steps (log)", fill="black")
+        for v in np.linspace(lo, hi, 5):
+            draw.text((x0 + 6, ly(v) - 6), f"{v:.3g}", fill="black")
+        for (name, v), dash in zip(lines.items(), ("#7f7f7f", "#ff7f0e")):
+            draw.line([x0 + pad, ly(v), x0 + w - pad, ly(v)], fill=dash, width=2)
+            draw.text((x0 + w - pad - 80, ly(v) - 14), name, fill=dash)
+        for (arch, curve), colour in zip(curves.items(), colours):
+            points = [(lx(s), ly(v)) for s, v in zip(budgets, curve)]
+            draw.line(points, fill=colour, width=3)
+            for x, y in points:
+                draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=colour)
+            draw.text((points[-1][0] - 60, points[-1][1] + 8), f"interposer ({arch})", fill=colour)
+    image.save(path)
 
 
 def step_cost(src: str, dst: str, batch: int = 16, rounds: int = 5) -> dict:
@@ -165,25 +230,26 @@ def step_cost(src: str, dst: str, batch: int = 16, rounds: int = 5) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def report(results: dict, arches: list[str], costs: dict, times: dict) -> None:
-    def row(result, method):
-        return next((r for r in result["rows"] if r["method"] == method), None)
-
-    print("\n| pair | network | metric | VAE round trip | linear map | interposer | beats linear on (tiles; photos) |")
-    print("|---|---|---|---|---|---|---|")
-    for arch in arches:
-        to_sana, to_fx2 = results[("fx2", "sana", arch)], results[("sana", "fx2", arch)]
-        rt, lin, net = (row(to_sana, m) for m in ("round trip", "linear", "interposer"))
-        print(f"| fx2 → sana | {arch} | latent L1 ({to_sana['tiles']} held-out tiles) | {rt['latent_l1']:.3f} | "
-              f"{lin['latent_l1']:.3f} | **{net['latent_l1']:.3f}** ({net['latent_l1'] / rt['latent_l1']:.2f}× the "
-              f"round trip) | {_beats(to_sana, net, lin, 'latent_l1_each', lower=True)} |")
-        lin, net, own = row(to_fx2, "linear"), row(to_fx2, "interposer"), to_fx2["target_vae"]
-        print(f"| sana → fx2 | {arch} | decoded PSNR vs the photo, dB ({to_fx2['tiles']} held-out tiles; taef2's own "
-              f"round trip {own['psnr_tile']:.2f}) | n/a (no sana decoder) | {lin['psnr_tile']:.2f} | "
-              f"**{net['psnr_tile']:.2f}** ({net['psnr_tile'] - lin['psnr_tile']:+.2f} dB) | "
-              f"{_beats(to_fx2, net, lin, 'psnr_tile_each', lower=False)} |")
-        print(f"|  |  | ΔE (colour shift, CIEDE2000 of means) sana → fx2 | | {lin['delta_e']:.2f} | {net['delta_e']:.2f} "
-              f"(taef2's own {own['delta_e']:.2f}) | |")
+def report(results: dict, arches: list[str], budgets: list[int], costs: dict, times: dict) -> None:
+    row = _row
+    print("\n| pair | network | steps | metric | VAE round trip | linear map | interposer | beats linear on "
+          "(tiles; photos) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for steps in budgets:
+        for arch in arches:
+            to_sana, to_fx2 = results[("fx2", "sana", arch, steps)], results[("sana", "fx2", arch, steps)]
+            rt, lin, net = (row(to_sana, m) for m in ("round trip", "linear", "interposer"))
+            print(f"| fx2 → sana | {arch} | {steps} | latent L1 ({to_sana['tiles']} held-out tiles) | "
+                  f"{rt['latent_l1']:.3f} | {lin['latent_l1']:.3f} | **{net['latent_l1']:.3f}** "
+                  f"({net['latent_l1'] / rt['latent_l1']:.2f}× the round trip) | "
+                  f"{_beats(to_sana, net, lin, 'latent_l1_each', lower=True)} |")
+            lin, net, own = row(to_fx2, "linear"), row(to_fx2, "interposer"), to_fx2["target_vae"]
+            print(f"| sana → fx2 | {arch} | {steps} | decoded PSNR vs the photo, dB ({to_fx2['tiles']} held-out "
+                  f"tiles; taef2's own round trip {own['psnr_tile']:.2f}) | n/a (no sana decoder) | "
+                  f"{lin['psnr_tile']:.2f} | **{net['psnr_tile']:.2f}** ({net['psnr_tile'] - lin['psnr_tile']:+.2f} "
+                  f"dB) | {_beats(to_fx2, net, lin, 'psnr_tile_each', lower=False)} |")
+            print(f"|  |  | {steps} | ΔE (colour shift, CIEDE2000 of means) sana → fx2 | | {lin['delta_e']:.2f} | "
+                  f"{net['delta_e']:.2f} (taef2's own {own['delta_e']:.2f}) | |")
     for (src, dst), c in costs.items():
         names = " / ".join(f"{k} {1000 * v:.0f} ms" for k, v in c.items())
         others = [k for k in c if k != "v4"]

@@ -6,11 +6,19 @@ from bench/quality.py itself.
     python bench/quality_loops.py fx2 sana v4 5e-4 600
     python bench/quality_loops.py sana fx2 shuffle 2e-3 600 bl=2 w=64 b=12  # blocks_low, width, blocks
     python bench/quality_loops.py fx2 sana shuffle 2e-3 600 ema=0.99 norm=0
+    python bench/quality_loops.py sana fx2 shuffle 2e-3 600 lf=1 pool=4        # + L1 of 4x4-pooled latents
+    python bench/quality_loops.py sana fx2 shuffle 2e-3 600 dec=0.1 crop=8 every=4   # + decoded L1 (taef2)
+
+Losses, added to the L1 on latents (loss=mse replaces it by MSE): dc=W, L1 of per-channel means (the
+trainer's dc_loss_weight); lf=W pool=P, L1 of the latents average-pooled P x P (low frequencies: colour and
+shading); dec=W crop=C every=E, L1 in pixels through taef2's decoder on a C x C latent crop every E steps
+(the trainer's decoded loss; fx2 targets only); aug=1 flips both sides of half the batch.
 
 Environment: DATA (the quality bench's --work folder, default ./bench-quality), VAES (default ../shared/vaes),
 THREADS (torch threads, default 2). Loop: AdamW (betas 0.5, 0.95, weight decay 0.01) at the given learning
 rate with a cosine decay over the run, L1 on batches of 16 whole tiles drawn with replacement. Prints the
-test latent L1 (and, into fx2, the decoded PSNR against the photo) beside the linear map's, and ms per step.
+test latent L1 (and, into fx2, the decoded PSNR against the photo and the CIEDE2000 of mean colours) beside
+the linear map's, and ms per step.
 """
 
 import copy
@@ -29,7 +37,7 @@ from interposer.model import InterposerModel  # noqa: E402
 from interposer.pipeline.schema import read_manifest, register_manifest_spaces  # noqa: E402
 from interposer.shuffle_model import ShuffleInterposer  # noqa: E402
 from interposer.trainer.data import PairReader  # noqa: E402
-from interposer.trainer.evaluate import _original, apply_linear, fit_linear  # noqa: E402
+from interposer.trainer.evaluate import _original, apply_linear, fit_linear, mean_delta_e  # noqa: E402
 
 
 def main() -> None:
@@ -59,6 +67,14 @@ def main() -> None:
     net.init_weights(torch.Generator().manual_seed(0))
     opt = torch.optim.AdamW(net.parameters(), lr=lr, betas=(0.5, 0.95), weight_decay=0.01)
     g = torch.Generator().manual_seed(1)
+    dec_w, crop, every = float(extra.get("dec", 0)), int(extra.get("crop", 8)), int(extra.get("every", 1))
+    lf_w, pool, dc_w = float(extra.get("lf", 0)), int(extra.get("pool", 4)), float(extra.get("dc", 0))
+    if dec_w:
+        from interposer.spaces import get_space
+        from interposer.vae import decode_raw, load_vae
+
+        dvae = load_vae(get_space(dst), os.environ.get("VAES", "../shared/vaes") + "/taef2", None,
+                        trust_remote_code=True).requires_grad_(False)
     decay = float(extra.get("ema", 0))
     ema = copy.deepcopy(net) if decay else None
     start = time.time()
@@ -67,7 +83,22 @@ def main() -> None:
         for group in opt.param_groups:
             group["lr"] = lr * 0.5 * (1 + np.cos(np.pi * step / steps))
         idx = torch.randint(0, len(xs), (16,), generator=g)
-        loss = F.l1_loss(net(xs[idx]), ys[idx])
+        xb, yb = xs[idx], ys[idx]
+        if extra.get("aug", "0") == "1":  # the same flip of both sides, for half the batch
+            flip = (torch.rand(len(idx), generator=g) < 0.5)[:, None, None, None]
+            xb, yb = torch.where(flip, xb.flip(-1), xb), torch.where(flip, yb.flip(-1), yb)
+        pred = net(xb)
+        loss = F.mse_loss(pred, yb) if extra.get("loss") == "mse" else F.l1_loss(pred, yb)
+        if dc_w:
+            loss = loss + dc_w * F.l1_loss(pred.mean((2, 3)), yb.mean((2, 3)))
+        if lf_w:
+            loss = loss + lf_w * F.l1_loss(F.avg_pool2d(pred, pool), F.avg_pool2d(yb, pool))
+        if dec_w and step % every == 0:
+            o = torch.randint(0, pred.shape[-1] - crop + 1, (2,), generator=g).tolist()
+            window = (..., slice(o[0], o[0] + crop), slice(o[1], o[1] + crop))
+            with torch.no_grad():
+                target_image = decode_raw(dvae, get_space(dst), yb[window])
+            loss = loss + dec_w * F.l1_loss(decode_raw(dvae, get_space(dst), pred[window]), target_image)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -100,7 +131,13 @@ def main() -> None:
             image = (decode_raw(vae, get_space("fx2"), z).clamp(-1, 1) + 1) / 2
             return (10 * torch.log10(1 / ((image - photo) ** 2).flatten(1).mean(1))).mean().item()
 
-        out += f" PSNR {psnr(pred):.2f} (linear {psnr(lin):.2f}, taef2's own {psnr(yt):.2f})"
+        def delta_e(z):  # CIEDE2000 of mean colours, as `interposer eval` reports it
+            images = (decode_raw(vae, get_space("fx2"), z).clamp(-1, 1) + 1) / 2
+            pairs = zip(images.permute(0, 2, 3, 1).double().numpy(), photo.permute(0, 2, 3, 1).double().numpy())
+            return float(np.mean([mean_delta_e(a, b) for a, b in pairs]))
+
+        out += (f" PSNR {psnr(pred):.2f} (linear {psnr(lin):.2f}, taef2's own {psnr(yt):.2f})"
+                f" dE {delta_e(pred):.2f} (linear {delta_e(lin):.2f}, taef2's own {delta_e(yt):.2f})")
     print(out, flush=True)
 
 
