@@ -12,7 +12,8 @@ from bench/quality.py itself.
 Losses, added to the L1 on latents (loss=mse replaces it by MSE): dc=W, L1 of per-channel means (the
 trainer's dc_loss_weight); lf=W pool=P, L1 of the latents average-pooled P x P (low frequencies: colour and
 shading); dec=W crop=C every=E, L1 in pixels through taef2's decoder on a C x C latent crop every E steps
-(the trainer's decoded loss; fx2 targets only); aug=1 flips both sides of half the batch.
+(the trainer's decoded loss; fx2 targets only); cw=P weighs the latent loss per channel by taef2's decoder
+sensitivity to that channel, to the power P (fx2 targets only); aug=1 flips both sides of half the batch.
 
 Environment: DATA (the quality bench's --work folder, default ./bench-quality), VAES (default ../shared/vaes),
 THREADS (torch threads, default 2). Loop: AdamW (betas 0.5, 0.95, weight decay 0.01) at the given learning
@@ -38,6 +39,21 @@ from interposer.pipeline.schema import read_manifest, register_manifest_spaces  
 from interposer.shuffle_model import ShuffleInterposer  # noqa: E402
 from interposer.trainer.data import PairReader  # noqa: E402
 from interposer.trainer.evaluate import _original, apply_linear, fit_linear, mean_delta_e  # noqa: E402
+
+
+@torch.no_grad()
+def channel_weights(vae, space, z: torch.Tensor, std: torch.Tensor, eps: float = 0.05) -> torch.Tensor:
+    """Per-channel decoder sensitivity E||D(z + e v_c) - D(z)||^2 / e^2 (v_c: noise of the channel's spread in
+    channel c only), normalised to mean 1: how much the decoded image moves with each latent channel."""
+    from interposer.vae import decode_raw
+
+    base, g, out = decode_raw(vae, space, z), torch.Generator().manual_seed(2), []
+    for c in range(z.shape[1]):
+        v = torch.zeros_like(z)
+        v[:, c] = torch.randn(z[:, c].shape, generator=g) * eps * std[c]
+        out.append(((decode_raw(vae, space, z + v) - base) ** 2).sum() / (eps * std[c]) ** 2)
+    w = torch.stack(out)
+    return w / w.mean()
 
 
 def main() -> None:
@@ -69,12 +85,17 @@ def main() -> None:
     g = torch.Generator().manual_seed(1)
     dec_w, crop, every = float(extra.get("dec", 0)), int(extra.get("crop", 8)), int(extra.get("every", 1))
     lf_w, pool, dc_w = float(extra.get("lf", 0)), int(extra.get("pool", 4)), float(extra.get("dc", 0))
-    if dec_w:
+    cw = 1.0
+    if dec_w or "cw" in extra:
         from interposer.spaces import get_space
         from interposer.vae import decode_raw, load_vae
 
         dvae = load_vae(get_space(dst), os.environ.get("VAES", "../shared/vaes") + "/taef2", None,
                         trust_remote_code=True).requires_grad_(False)
+    if "cw" in extra:  # L1 weighted per channel by the decoder's sensitivity to the power cw (fx2 targets only)
+        cw = channel_weights(dvae, get_space(dst), ys[:32, :, :16, :16], ys.std((0, 2, 3))) ** float(extra["cw"])
+        print("channel weights", [round(v, 2) for v in (cw / cw.mean()).tolist()], flush=True)
+        cw = (cw / cw.mean()).view(1, -1, 1, 1)
     decay = float(extra.get("ema", 0))
     ema = copy.deepcopy(net) if decay else None
     start = time.time()
@@ -88,7 +109,7 @@ def main() -> None:
             flip = (torch.rand(len(idx), generator=g) < 0.5)[:, None, None, None]
             xb, yb = torch.where(flip, xb.flip(-1), xb), torch.where(flip, yb.flip(-1), yb)
         pred = net(xb)
-        loss = F.mse_loss(pred, yb) if extra.get("loss") == "mse" else F.l1_loss(pred, yb)
+        loss = (((pred - yb) ** 2) if extra.get("loss") == "mse" else (pred - yb).abs()).mul(cw).mean()
         if dc_w:
             loss = loss + dc_w * F.l1_loss(pred.mean((2, 3)), yb.mean((2, 3)))
         if lf_w:
