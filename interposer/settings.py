@@ -10,7 +10,8 @@
     check_settings(schedule)                  # every field's check, in __post_init__; one line naming the fix
 
 A field's type makes its flag: int and float take a value, a bool that is off is --name and one that is on
---name/--no-name, a Literal offers its values. A check returns what is wrong with a value (None: nothing). Stdlib only: imported by every command.
+--name/--no-name, a Literal offers its values. A check returns what is wrong with a value (None: nothing).
+Stdlib only: imported by every command.
 """
 
 from __future__ import annotations
@@ -82,12 +83,17 @@ def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _shown(default) -> Any:
+    """A default as help and the README show it: on/off for a bool."""
+    return ("on" if default else "off") if isinstance(default, bool) else default
+
+
 def described(f: dataclasses.Field) -> str:
     """A field's help with its default (unless the help says it, or there is none to say)."""
     text = f.metadata["help"]
     if f.default is None or f.default is False or "default" in text:
         return text
-    return f"{text} (default {'on' if f.default is True else f.default})"
+    return f"{text} (default {_shown(f.default)})"
 
 
 def add_flags(parser: argparse.ArgumentParser, cls) -> None:
@@ -138,7 +144,6 @@ def settings_table(*classes) -> str:
     rows = ["| flag | default | what it does |", "|---|---|---|"]
     for cls in classes:
         for f in _flagged(cls):
-            default = ("on" if f.default else "off") if isinstance(f.default, bool) else f.default
-            default = "" if default is None else f"`{default}`"
+            default = "" if f.default is None else f"`{_shown(f.default)}`"
             rows.append(f"| `{flag_name(f.name)}` | {default} | {f.metadata['help']} |")
     return "\n".join(rows)

@@ -17,8 +17,7 @@ DEFAULT_MAX_PIXELS = 1 << 28  # 268 MP: above this an image is treated as a deco
 
 
 def _gpus(v) -> str | None:
-    return None if isinstance(v, (int, float)) and not isinstance(v, bool) and (v == -1 or v >= 0) else \
-        "must be -1 (auto), 0 (CPU) or a share of GPUs"
+    return None if v == -1 or not_negative(v) is None else "must be -1 (auto), 0 (CPU) or a share of GPUs"
 
 
 @dataclass
@@ -65,9 +64,9 @@ class BuildConfig(EncodeOptions):
     store_std: bool = setting(False, "also store the encoder distribution's std")
 
     def __post_init__(self):
-        if self.min_size is None:  # small trials: 64 px tiles take images from 32 px, as 1024 px ones from 512
-            self.min_size = max(1, self.tile_size // 2) if isinstance(self.tile_size, int) else self.tile_size
         super().__post_init__()
+        if self.min_size is None:  # small trials: 64 px tiles take images from 32 px, as 1024 px ones from 512
+            self.min_size = max(1, self.tile_size // 2)
         if not self.images or not self.out:
             raise ValueError("give --images and --out")
         # local sources and outputs are recorded absolute, so a rerun from another folder means the same data
