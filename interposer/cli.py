@@ -126,8 +126,14 @@ def _add_list(sub) -> None:
     p.set_defaults(func=_cmd_list)
 
 
+def _adapters(folder: Path) -> list[str]:
+    import json
+
+    return list(json.loads((folder / "config.json").read_text()).get("adapters") or {})
+
+
 def _cmd_list(args) -> int:
-    from .weights import find_local, hub_cached, interposer_home
+    from .weights import find_local, hub_cached, interposer_home, universal_folders
 
     from .weights import register_spaces_of
 
@@ -156,8 +162,10 @@ def _cmd_list(args) -> int:
         else:
             where = "not present (downloaded from the Hub on first use)"
         print(f"  {src:>3} -> {dst:<3} {where}")
+    universal = set(universal_folders(home))
     for folder in local_models:
-        print(f"  local model {folder.name}: {folder}")
+        kind = f" (universal: {', '.join(_adapters(folder))})" if folder in universal else ""
+        print(f"  local model {folder.name}{kind}: {folder}")
     return 0
 
 

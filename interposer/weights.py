@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from .files import atomic_write
 from .model import InterposerModel
 from .shuffle_model import ShuffleInterposer
+from .universal_model import UniversalInterposer, UniversalPair
 from .spaces import (
     RELEASE_REPO,
     RELEASE_VERSION,
@@ -41,8 +42,9 @@ from .spaces import (
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 ARCHITECTURE = InterposerModel.architecture  # config.json without "architecture" (older exports): v4
-ARCHITECTURES: dict[str, type] = {cls.architecture: cls for cls in (InterposerModel, ShuffleInterposer)}
-Interposer = InterposerModel | ShuffleInterposer
+ARCHITECTURES: dict[str, type] = {cls.architecture: cls
+                                  for cls in (InterposerModel, ShuffleInterposer, UniversalInterposer)}
+Interposer = InterposerModel | ShuffleInterposer | UniversalPair  # a network for one pair
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
 _ARG_NAMES = ("ch_in", "ch_out", "ch_mid", "blocks", "scale")  # every architecture's required arguments
 
@@ -106,17 +108,31 @@ def _cpu_state(model: InterposerModel) -> dict[str, torch.Tensor]:
             for k, v in model.state_dict().items()}
 
 
-def save_interposer(model: InterposerModel, folder: str | Path, src: str, dst: str, version: str = "dev",
-                    extra: dict | None = None) -> Path:
-    """Write our format (model.safetensors + config.json) into `folder`, each file atomically."""
+def save_interposer(model: InterposerModel | UniversalInterposer, folder: str | Path, src: str | None = None,
+                    dst: str | None = None, version: str = "dev", extra: dict | None = None) -> Path:
+    """Write our format (model.safetensors + config.json) into `folder`, each file atomically. A pairwise
+    network needs its src and dst; a universal one records every space it has (and takes neither)."""
     folder = Path(folder)
+    if isinstance(model, UniversalInterposer):
+        if src is not None or dst is not None:
+            raise ValueError("a universal interposer converts every pair of its spaces: save it without src, dst")
+        _check_universal(model, "model")
+        spaces = [get_space(c) for c in model.spaces]
+        config = dict(architecture=model.architecture, **model.args(), version=version, layout="raw",
+                      pairs=[f"{a}->{b}" for a, b in model.pairs()], spaces={s.code: s.to_dict() for s in spaces},
+                      **(extra or {}))
+        metadata = {"spaces": ",".join(model.spaces)}
+    else:
+        if src is None or dst is None:
+            raise ValueError("a pairwise interposer is saved with the pair it converts (src, dst)")
+        _check_pair(model, src, dst, "model")
+        s, d = get_space(src), get_space(dst)
+        config = dict(architecture=model.architecture, **model.args(), src=s.code, dst=d.code, version=version,
+                      layout="raw", spaces={s.code: s.to_dict(), d.code: d.to_dict()}, **(extra or {}))
+        metadata = {"pair": f"{s.code}->{d.code}"}
     folder.mkdir(parents=True, exist_ok=True)
-    _check_pair(model, src, dst, "model")
-    s, d = get_space(src), get_space(dst)
-    config = dict(architecture=model.architecture, **model.args(), src=s.code, dst=d.code, version=version,
-                  layout="raw", spaces={s.code: s.to_dict(), d.code: d.to_dict()}, **(extra or {}))
     state = _cpu_state(model)
-    atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"pair": f"{s.code}->{d.code}"}))
+    atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(state, p, metadata=metadata))
     atomic_write(folder / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
     return folder
 
@@ -171,6 +187,15 @@ def _check_pair(model: InterposerModel, src: str, dst: str, where: str | Path) -
                          f"needs {s.channels} -> {d.channels}")
 
 
+def _check_universal(model: UniversalInterposer, where: str | Path) -> None:
+    """Every space of a universal model is a known space, with its channels and factor."""
+    for code, spec in model.spaces.items():
+        s = get_space(code)
+        if s.code != code or (spec["channels"], spec["factor"]) != (s.channels, s.factor):
+            raise ValueError(f"{where} has space {code!r} with {spec['channels']} channels at factor "
+                             f"{spec['factor']}, but {s.describe()}")
+
+
 def register_spaces_of(weights: str | Path | None) -> list[str]:
     """Register the latent spaces an exported model's config.json defines (spaces defined by their VAE
     travel with the models trained on them); returns their codes. Anything else: nothing, no error."""
@@ -199,6 +224,8 @@ def _load_folder(folder: Path, src: str | None, dst: str | None) -> InterposerMo
             known = inspect.signature(network_class(architecture)).parameters
         except ValueError as e:
             raise ValueError(f"{cfg_path}: {e}") from None
+        if architecture == UniversalInterposer.architecture:
+            return _load_universal(folder, config, {k: config[k] for k in known}, src, dst)
         args = {k: config[k] for k in _ARG_NAMES} | {k: config[k] for k in known if k in config}
         f_src, f_dst = get_space(config["src"]).code, get_space(config["dst"]).code
     except (json.JSONDecodeError, KeyError, TypeError) as e:
@@ -209,6 +236,42 @@ def _load_folder(folder: Path, src: str | None, dst: str | None) -> InterposerMo
     _check_pair(model, f_src, f_dst, f"{folder}:")
     model.src, model.dst, model.version, model.source = f_src, f_dst, str(config.get("version", "")), str(folder)
     return model
+
+
+def _load_universal(folder: Path, config: dict, args: dict, src: str | None, dst: str | None):
+    """A universal model from its folder: the whole model, or (src and dst given) the model bound to that pair."""
+    model = _build(args, _read_state(folder / WEIGHTS_NAME), folder, UniversalInterposer.architecture)
+    _check_universal(model, f"{folder}:")
+    model.version, model.source = str(config.get("version", "")), str(folder)
+    if src is None and dst is None:
+        return model
+    if src is None or dst is None:
+        raise ValueError(f"{folder} is a universal interposer: name both src and dst, or neither")
+    s, d = get_space(src).code, get_space(dst).code
+    if s not in model.spaces or d not in model.spaces:
+        raise ValueError(f"{folder} converts between {', '.join(model.spaces)}, not {s} -> {d}")
+    return model.pair(s, d)
+
+
+def universal_folders(base: Path) -> list[Path]:
+    """The folders in `base` that hold a universal model (config.json says so), by name."""
+    found = []
+    for entry in sorted(base.iterdir()) if base.is_dir() else []:
+        try:
+            config = json.loads((entry / CONFIG_NAME).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(config, dict) and config.get("architecture") == UniversalInterposer.architecture:
+            found.append(entry)
+    return found
+
+
+def _universal_has(folder: Path, src: str, dst: str) -> bool:
+    try:
+        adapters = json.loads((folder / CONFIG_NAME).read_text()).get("adapters") or {}
+    except (OSError, ValueError, AttributeError):
+        return False
+    return src in adapters and dst in adapters and src != dst
 
 
 def released_args(state: dict[str, torch.Tensor], src: str, dst: str, where: Path) -> dict:
@@ -268,20 +331,22 @@ def load_path(path: str | Path, src: str | None = None, dst: str | None = None) 
     raise FileNotFoundError(f"weights not found: {path}")
 
 
-def local_candidates(src: str, dst: str, search_dirs=()) -> list[Path]:
-    """Where a local copy of a pair's weights may be, in the order they are tried."""
-    s, d = get_space(src).code, get_space(dst).code
+def _pair_candidates(base: Path, s: str, d: str) -> list[Path]:
     name = release_filename(s, d)
-    out = []
-    for base in (interposer_home(), *map(Path, search_dirs)):
-        out += [base / f"{s}-to-{d}", base / name, base / RELEASE_VERSION / name]
-    return out
+    return [base / f"{s}-to-{d}", base / name, base / RELEASE_VERSION / name]
 
 
 def find_local(src: str, dst: str, search_dirs=()) -> Path | None:
-    for cand in local_candidates(src, dst, search_dirs):
-        if (cand / CONFIG_NAME).is_file() if cand.is_dir() else cand.is_file():
-            return cand
+    """The first local copy of a pair's weights: in each folder of the search a pairwise network first, then a
+    universal model that has both spaces."""
+    s, d = get_space(src).code, get_space(dst).code
+    for base in (interposer_home(), *map(Path, search_dirs)):
+        for cand in _pair_candidates(base, s, d):
+            if (cand / CONFIG_NAME).is_file() if cand.is_dir() else cand.is_file():
+                return cand
+        for folder in universal_folders(base):
+            if _universal_has(folder, s, d):
+                return folder
     return None
 
 
