@@ -91,7 +91,7 @@ def _shown(default) -> Any:
 def described(f: dataclasses.Field) -> str:
     """A field's help with its default (unless the help says it, or there is none to say)."""
     text = f.metadata["help"]
-    if f.default is None or f.default is False or "default" in text:
+    if f.default in (None, False, "") or "default" in text:
         return text
     return f"{text} (default {_shown(f.default)})"
 
@@ -144,6 +144,6 @@ def settings_table(*classes) -> str:
     rows = ["| flag | default | what it does |", "|---|---|---|"]
     for cls in classes:
         for f in _flagged(cls):
-            default = "" if f.default is None else f"`{_shown(f.default)}`"
+            default = "" if f.default in (None, "") else f"`{_shown(f.default)}`"
             rows.append(f"| `{flag_name(f.name)}` | {default} | {f.metadata['help']} |")
     return "\n".join(rows)

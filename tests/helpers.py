@@ -4,7 +4,11 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 # Copied from shared/reference (the suite reads nothing outside the repository): city96's v4.0 network and key
@@ -36,3 +40,37 @@ def run(*args: str, env: dict | None = None, cwd: Path | None = None) -> subproc
 TINY_TRAIN = dict(src="xl", dst="v1", ch_mid=8, blocks=1, batch=8, crop=4, steps=60, fconst=40, checkpoint_every=10,
                   eval_every=30, log_every=30, val_fraction=0.2, workers=2, b_loss_weight=1.0, r_loss_weight=1.4,
                   max_failures=3)
+
+
+# ----------------------------------------------------- training runs: their final weights, their checkpoints
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "export" / "model.safetensors"))
+
+
+def assert_same_export(a: Path, b: Path) -> None:
+    wa, wb = final_weights(a), final_weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def registered_steps(run: Path) -> list[int]:
+    """Steps of the checkpoints Ray Train has registered (written *and* recorded in its snapshot): only
+    those are resumed from, so a kill must come after one."""
+    try:
+        snapshot = json.loads((run / "checkpoint_manager_snapshot.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return []
+    return sorted(int(r["metrics"]["step"]) for r in snapshot["checkpoint_results"])
+
+
+def wait_for_checkpoint(run: Path, proc: subprocess.Popen, timeout: float = 180) -> list[int]:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        steps = registered_steps(run)
+        if steps:
+            return steps
+        time.sleep(0.02)
+    raise AssertionError(f"no checkpoint appeared (exit code {proc.poll()})")

@@ -1,6 +1,7 @@
 """Checkpoints: everything the loop needs to go on, as named groups in one folder.
 
-    primary.safetensors / secondary.safetensors   both models (safetensors: no pickles)
+    primary.safetensors / secondary.safetensors   both models (safetensors: no pickles); a universal run has one
+                                                  network and no secondary.safetensors
     state.pt      optimizers, schedulers, step; per rank its data position and RNG states (python, numpy,
                   torch, cuda);
                   read back with torch.load(weights_only=True): tensors, numbers and strings only
@@ -47,11 +48,12 @@ def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(folder: str | Path, primary, secondary, optims: dict, step: int, data_by_rank: list[dict],
                     rng_by_rank: list[dict], config: dict, fingerprint: str) -> Path:
-    """Write a checkpoint folder (models unwrapped from DDP first)."""
+    """Write a checkpoint folder (models unwrapped from DDP first; `secondary` None: a run of one network)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(_weights(primary), str(folder / PRIMARY))
-    save_file(_weights(secondary), str(folder / SECONDARY))
+    if secondary is not None:
+        save_file(_weights(secondary), str(folder / SECONDARY))
     torch.save(dict(step=step, data=data_by_rank, rng=rng_by_rank,
                     optimizers={k: o.state_dict() for k, (o, _) in optims.items()},
                     schedulers={k: s.state_dict() for k, (_, s) in optims.items()}), folder / STATE)
@@ -63,12 +65,13 @@ def load_checkpoint(folder: str | Path, primary, secondary, optims: dict) -> dic
     """Load a checkpoint into the (unwrapped) models and optimizers; returns state.pt's contents.
     A truncated or corrupt file raises ValueError naming it."""
     folder = Path(folder)
-    for name in (PRIMARY, SECONDARY, STATE, CONFIG):
+    for name in (PRIMARY, *([SECONDARY] if secondary is not None else []), STATE, CONFIG):
         if not (folder / name).is_file():
             raise ValueError(f"checkpoint {folder} is missing {name}")
     try:
         primary.load_state_dict(load_file(str(folder / PRIMARY)))
-        secondary.load_state_dict(load_file(str(folder / SECONDARY)))
+        if secondary is not None:
+            secondary.load_state_dict(load_file(str(folder / SECONDARY)))
         state = torch.load(folder / STATE, weights_only=True, map_location="cpu")
     except Exception as e:  # noqa: BLE001  (safetensors, pickle and zip errors all mean one thing here)
         raise ValueError(f"checkpoint {folder} is unreadable ({type(e).__name__}: {e})") from e
@@ -78,13 +81,14 @@ def load_checkpoint(folder: str | Path, primary, secondary, optims: dict) -> dic
     return state
 
 
-def load_final(folder: str | Path, cfg) -> tuple[torch.nn.Module, int]:
-    """(the primary network rebuilt from `cfg` with the checkpoint's weights, in eval mode; its step): what the
-    export is made of. The shuffle network's statistics are buffers: the state dict restores them."""
+def load_final(folder: str | Path, cfg, model: torch.nn.Module | None = None) -> tuple[torch.nn.Module, int]:
+    """(the primary network rebuilt from `cfg` (or `model`, built by the caller) with the checkpoint's weights, in
+    eval mode; its step): what the export is made of. The shuffle network's statistics are buffers: the state
+    dict restores them."""
     from .step import network
 
     folder = Path(folder)
-    model = network(cfg)
+    model = network(cfg) if model is None else model
     model.load_state_dict(load_file(str(folder / PRIMARY)))
     return model.eval(), int(torch.load(folder / STATE, weights_only=True, map_location="cpu")["step"])
 

@@ -3,6 +3,7 @@
     interposer train --data data/xl-v1 --src xl --dst v1 --out runs --name xl-v1 --steps 2000 --batch 32
     interposer train --data data/v1-xl --src v1 --dst xl --config v1-to-xl.yaml --out runs --name v1-xl
     interposer train ... --gpu --workers 8 --out s3://bucket/runs      # on a Ray cluster (RAY_ADDRESS)
+    interposer train --data data/five --universal --out runs --name uni  # one network, every pair of the dataset
 
 Rerun the same command to resume from the latest checkpoint. A city96 v4 YAML file works as --config.
 """
@@ -19,8 +20,11 @@ def _add_train(sub) -> None:
         "`interposer data build`, with Ray Train. Flags override --config; defaults are the v4.0 xl -> v1 "
         "recipe. Rerunning the same command resumes from the latest checkpoint.")
     p.add_argument("--data", required=True, help="dataset folder or URI holding both spaces")
-    p.add_argument("--src", required=True, help="source latent space (e.g. xl)")
-    p.add_argument("--dst", required=True, help="target latent space (e.g. v1)")
+    p.add_argument("--src", default=None, help="source latent space (e.g. xl); not with --universal")
+    p.add_argument("--dst", default=None, help="target latent space (e.g. v1); not with --universal")
+    p.add_argument("--universal", action="store_true",
+                   help="train one universal interposer for every ordered pair of the dataset's spaces (or "
+                   "--spaces); the same as --arch universal")
     p.add_argument("--out", required=True, help="runs folder or URI (s3://...); the run lives in OUT/NAME")
     p.add_argument("--name", required=True, help="run name: rerun with the same name to resume")
     p.add_argument("--config", default=None, help="YAML config (ours, or a city96 v4 file)")
@@ -39,7 +43,18 @@ def _cmd_train(args) -> int:
     from .driver import RunSpec, train
 
     register_manifest_spaces(read_manifest(args.data))  # first: --src/--dst may name the dataset's own spaces
-    cfg = load_config(args.config, src=args.src, dst=args.dst, **train_flags_given(args))
+    flags = train_flags_given(args)
+    if args.universal:
+        if flags.get("arch", "universal") != "universal":
+            raise ValueError(f"--universal and --arch {flags['arch']} ask for different networks; give one")
+        flags["arch"] = "universal"
+    universal = flags.get("arch") == "universal"
+    if universal and (args.src or args.dst):
+        raise ValueError("a universal run trains every pair of its spaces: give --spaces A,B,... instead of "
+                         "--src/--dst")
+    if not universal and not (args.src and args.dst):
+        raise ValueError("give --src and --dst (the pair to train), or --universal (every pair)")
+    cfg = load_config(args.config, **({} if universal else dict(src=args.src, dst=args.dst)), **flags)
     train(cfg, RunSpec(data=args.data, out=args.out, name=args.name, rev=args.rev,
                        trust_remote_code=args.trust_remote_code))
     return 0

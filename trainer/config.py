@@ -21,15 +21,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from interposer.settings import (add_flags, at_least, check_settings, fraction, given, not_negative, positive, resumable,
-                                 setting)
+from interposer.settings import (add_flags, at_least, check_settings, flag_name, fraction, given, not_negative, positive,
+                                 resumable, setting)
 from interposer.spaces import default_args, get_space, pair_scale
 
 
-Arch = Literal["auto", "v4", "shuffle"]
-ARCH_NAMES = {"v4": "interposer-v4", "shuffle": "interposer-shuffle"}  # -> interposer.weights.ARCHITECTURES
-# the learning rate each network was tuned for (v4: city96's 50k-step recipe; shuffle: bench/quality.py's budget)
-RECIPE_LR = {"v4": 5e-4, "shuffle": 2e-3}
+Arch = Literal["auto", "v4", "shuffle", "universal"]
+ARCH_NAMES = {"v4": "interposer-v4", "shuffle": "interposer-shuffle",
+              "universal": "interposer-universal"}  # -> interposer.weights.ARCHITECTURES
+# the learning rate each network was tuned for (v4: city96's 50k-step recipe; shuffle: bench/quality.py's budget;
+# universal: normalised like shuffle, no BatchNorm)
+RECIPE_LR = {"v4": 5e-4, "shuffle": 2e-3, "universal": 2e-3}
 
 
 @dataclass
@@ -37,13 +39,25 @@ class ModelConfig:
     ch_mid: int = setting(64, "network width", at_least(1))
     blocks: int = setting(12, "residual blocks", at_least(0))
     arch: Arch = setting("auto", "network: v4 (city96's layout; released files), shuffle (pixel (un)shuffle "
-                         "resampling, normalised, with a linear path); default auto: v4 where both spaces have one "
-                         "spatial factor, shuffle where they differ")
+                         "resampling, normalised, with a linear path), universal (one network for every ordered "
+                         "pair of --spaces; --universal says the same); default auto: v4 where both spaces have "
+                         "one spatial factor, shuffle where they differ")
+
+
+@dataclass
+class UniversalConfig:
+    spaces: str = setting("", "universal: the spaces, comma-separated (default: every space of the dataset)",
+                          metavar="A,B,...")
+    pair_weights: str = setting("", "universal: how often a pair is drawn against the others, e.g. "
+                                "'sana->fx2=3,fx2->sana=2' (default: every pair 1)", metavar="A->B=W,...")
+    grid: int = setting(8, "universal: pixels per working-grid pixel (the trunk's resolution)", at_least(1))
+    emb: int = setting(64, "universal: size of each space's embedding, which modulates the trunk", at_least(1))
 
 
 @dataclass
 class OptimConfig:
-    lr: float | None = setting(None, "AdamW learning rate (default: the network's recipe, v4 5e-4, shuffle 2e-3)",
+    lr: float | None = setting(None, "AdamW learning rate (default: the network's recipe, v4 5e-4, shuffle and universal "
+                               "2e-3)",
                                positive)
     beta1: float = setting(0.5, "AdamW beta1", fraction)
     beta2: float = setting(0.95, "AdamW beta2", fraction)
@@ -77,8 +91,8 @@ class LossConfig:
 @dataclass
 class DataConfig:
     batch: int = setting(128, "global batch of crops, split evenly over the workers", at_least(1))
-    crop: int = setting(32, "crop side in source latent pixels (the target crop follows the factors)",
-                        at_least(1))
+    crop: int = setting(32, "crop side in source latent pixels (the target crop follows the factors); universal: "
+                        "in working-grid pixels", at_least(1))
     val_fraction: float = setting(0.02, "share of images (never tiles) held out for validation, chosen by image "
                                   "id; 0: none", fraction)
 
@@ -113,7 +127,7 @@ class ResourceConfig:
                                 "checkpoint; -1: always", at_least(-1), resumable=True)
 
 
-GROUPS = dict(model=ModelConfig, optim=OptimConfig, schedule=ScheduleConfig, loss=LossConfig, data=DataConfig,
+GROUPS = dict(model=ModelConfig, universal=UniversalConfig, optim=OptimConfig, schedule=ScheduleConfig, loss=LossConfig, data=DataConfig,
               log=LogConfig, checkpoint=CheckpointConfig, resources=ResourceConfig)
 # every setting's flat name (the command-line flag and the YAML key) -> its group
 FLAT = {f.name: group for group, cls in GROUPS.items() for f in dataclasses.fields(cls)}
@@ -125,11 +139,12 @@ class TrainConfig:
     """What a run computes and how it runs, in groups. `TrainConfig.of(lr=1e-3, steps=10)` takes the flat
     names users type (flags, YAML keys); `cfg.optim.lr` reads them."""
 
-    src: str = "xl"  # source latent space (the primary model's input)
-    dst: str = "v1"  # target latent space
+    src: str = "xl"  # source latent space (the primary model's input); a universal run clears it (every pair)
+    dst: str = "v1"  # target latent space; a universal run clears it
     seed: int = setting(0, "seed of every random draw: each is a function of (seed, step, rank)", at_least(0))
     layout: Literal["raw"] = "raw"  # the networks map raw VAE latents
     model: ModelConfig = field(default_factory=ModelConfig)
+    universal: UniversalConfig = field(default_factory=UniversalConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -167,11 +182,17 @@ class TrainConfig:
         return out
 
     def __post_init__(self):
+        for part in (self, *(getattr(self, group) for group in GROUPS)):
+            check_settings(part)
+        if self.is_universal:
+            self._check_universal()
+            return
+        for f in dataclasses.fields(UniversalConfig):
+            if getattr(self.universal, f.name) != f.default:
+                raise ValueError(f"{flag_name(f.name)} applies to a universal run (--universal)")
         self.src, self.dst = get_space(self.src).code, get_space(self.dst).code
         if self.src == self.dst:
             raise ValueError(f"src and dst are both {self.src}: nothing to train")
-        for part in (self, *(getattr(self, group) for group in GROUPS)):
-            check_settings(part)
         if self.model.arch == "auto":  # resolved here, so that run records hold the network actually trained
             self.model.arch = "v4" if pair_scale(self.src, self.dst) == 1 else "shuffle"
         if self.optim.lr is None:
@@ -181,6 +202,52 @@ class TrainConfig:
         crop, scale = self.data.crop, pair_scale(self.src, self.dst)
         if (crop * scale) != int(crop * scale) or crop * scale < 1:
             raise ValueError(f"crop {crop} times the {self.src}->{self.dst} scale {scale} must be a whole number")
+
+    @property
+    def is_universal(self) -> bool:
+        return self.model.arch == "universal"
+
+    def _check_universal(self) -> None:
+        """A universal run: no src/dst (every pair of its spaces; the command line refuses --src/--dst with
+        --universal), the conversion loss only."""
+        self.src = self.dst = ""
+        if self.optim.lr is None:
+            self.optim.lr = RECIPE_LR["universal"]
+        others = [n for n in ("b", "r", "h", "dc", "decoded") if getattr(self.loss, f"{n}_loss_weight")]
+        if others:
+            raise ValueError(f"a universal run trains the conversion loss (p) only; set "
+                             f"{', '.join(n + '_loss_weight' for n in others)} to 0")
+        if self.data.batch % self.resources.workers:
+            raise ValueError(f"batch {self.data.batch} must divide evenly over {self.resources.workers} workers")
+        spaces = self.space_list()
+        if self.universal.spaces and len(spaces) < 2:
+            raise ValueError(f"--spaces {self.universal.spaces!r}: a universal run needs at least two spaces")
+        self.pair_weight_map()  # its mistakes, now
+
+    def space_list(self) -> list[str]:
+        """--spaces as codes, in the given order ([] until the driver fills it from the dataset)."""
+        codes = [get_space(c.strip()).code for c in self.universal.spaces.split(",") if c.strip()]
+        if len(set(codes)) != len(codes):
+            raise ValueError(f"--spaces {self.universal.spaces!r} names a space twice")
+        return codes
+
+    def pair_weight_map(self) -> dict[tuple[str, str], float]:
+        """--pair-weights as {(src, dst): weight}; pairs not named weigh 1."""
+        out = {}
+        for item in filter(None, (i.strip() for i in self.universal.pair_weights.split(","))):
+            pair, _, weight = item.partition("=")
+            a, arrow, b = pair.partition("->")
+            if not arrow or not weight:
+                raise ValueError(f"--pair-weights {item!r}: expected SRC->DST=WEIGHT, e.g. sana->fx2=3")
+            try:
+                w = float(weight)
+                key = (get_space(a.strip()).code, get_space(b.strip()).code)
+            except ValueError as e:
+                raise ValueError(f"--pair-weights {item!r}: expected SRC->DST=WEIGHT ({e})") from None
+            if not w >= 0 or w == float("inf"):
+                raise ValueError(f"--pair-weights {item!r}: a weight is a finite number of at least 0")
+            out[key] = w
+        return out
 
     @property
     def uses_secondary(self) -> bool:
@@ -264,7 +331,10 @@ def config_from_dict(raw: dict, where: str = "config", **overrides) -> TrainConf
         cfg = TrainConfig.of(**values)
     except TypeError as e:
         raise ValueError(f"{where}: {e}") from None
-    args = cfg.model_args()
+    if derived and cfg.is_universal:
+        raise ValueError(f"{where}: {', '.join(sorted(derived))} describe one pair's network; a universal run has "
+                         "none: leave them out")
+    args = cfg.model_args() if derived else {}
     for key, value in derived.items():  # city96 spells out what the spaces imply: it must agree
         name = key.rsplit(".", 1)[1]
         if float(value) != float(args[name]):

@@ -35,7 +35,12 @@ from interposer.pipeline.schema import DatasetFiles, Manifest, latents_path, rea
 
 
 def check_pair(manifest: Manifest, data: str, src: str, dst: str) -> None:
-    missing = [c for c in (src, dst) if c not in manifest.spaces]
+    check_spaces(manifest, data, (src, dst))
+
+
+def check_spaces(manifest: Manifest, data: str, spaces) -> None:
+    """The dataset holds latents of every one of `spaces` and is finished building."""
+    missing = [c for c in spaces if c not in manifest.spaces]
     if missing:
         raise ValueError(f"--data {data} has no {', '.join(missing)} latents; it has {', '.join(manifest.spaces)} "
                          f"(add one with `interposer data add-space --data {data} --space {missing[0]}`)")
@@ -66,13 +71,13 @@ class ShardTiles:
         return len(self.src)
 
 
-class PairReader:
-    """Reads the aligned src/dst latents of a dataset shard by shard, only the row groups it needs."""
+class TileReader:
+    """Reads the aligned latents of several spaces of a dataset shard by shard, only the row groups it needs."""
 
-    def __init__(self, data: str, src: str, dst: str, val_fraction: float):
-        self.data, self.src, self.dst, self.val_fraction = data, src, dst, val_fraction
+    def __init__(self, data: str, spaces, val_fraction: float):
+        self.data, self.spaces, self.val_fraction = data, tuple(spaces), val_fraction
         self.manifest = read_manifest(data)
-        check_pair(self.manifest, data, src, dst)
+        check_spaces(self.manifest, data, self.spaces)
         self.files = DatasetFiles(data)
         self.shards = self.manifest.shards
 
@@ -91,23 +96,50 @@ class PairReader:
         out = read_latents(f.read_row_groups(groups, columns=["latent"]))
         return out if local == list(range(len(out))) else out[local]
 
-    def shard(self, shard: int, split: str, limit: int | None = None) -> ShardTiles:
-        """The shard's tiles of `split` ("train", "val" or "all") with latents in both spaces (at most `limit`)."""
+    def read(self, shard: int, split: str, limit: int | None = None) -> tuple[pa.Table, list[np.ndarray]]:
+        """(the tiles/ rows, each space's (n, C, h, w) float16 latents) of the shard's tiles of `split` ("train",
+        "val" or "all") that have latents in every space (at most `limit`)."""
         tiles = self.files.read_table(tiles_path(shard))
-        files = [self.files.parquet_file(latents_path(c, shard)) for c in (self.src, self.dst)]
+        files = [self.files.parquet_file(latents_path(c, shard)) for c in self.spaces]
         at = [{k: i for i, k in enumerate(f.read(columns=["tile_key"]).column(0).to_pylist())} for f in files]
         keep = []
         for i, (key, image_id) in enumerate(zip(tiles.column("tile_key").to_pylist(),
                                                 tiles.column("image_id").to_pylist())):
-            if key in at[0] and key in at[1] and (
+            if all(key in a for a in at) and (
                     split == "all" or is_validation(image_id, self.val_fraction) == (split == "val")):
                 keep.append(i)
                 if limit is not None and len(keep) >= limit:
                     break
         rows = tiles.take(pa.array(keep, pa.int64()))
         keys = rows.column("tile_key").to_pylist()
-        return ShardTiles(rows, self._latents(files[0], at[0], keys, self.src),
-                          self._latents(files[1], at[1], keys, self.dst))
+        return rows, [self._latents(f, a, keys, c) for f, a, c in zip(files, at, self.spaces)]
+
+    def take_all(self, split: str, limit: int) -> list[np.ndarray]:
+        """Each space's latents of the first `limit` tiles of a split, shard by shard in dataset order."""
+        parts, left = [], limit
+        for shard in range(self.shards):
+            if left <= 0:
+                break
+            _, latents = self.read(shard, split, left)
+            if len(latents[0]):
+                parts.append(latents)
+                left -= len(latents[0])
+        if not parts:
+            raise ValueError(f"--data {self.data}: no {split} tiles with latents of all of {', '.join(self.spaces)}")
+        return [np.concatenate(p) for p in zip(*parts)]
+
+
+class PairReader(TileReader):
+    """Reads the aligned src/dst latents of a dataset shard by shard, only the row groups it needs."""
+
+    def __init__(self, data: str, src: str, dst: str, val_fraction: float):
+        super().__init__(data, (src, dst), val_fraction)
+        self.src, self.dst = src, dst
+
+    def shard(self, shard: int, split: str, limit: int | None = None) -> ShardTiles:
+        """The shard's tiles of `split` ("train", "val" or "all") with latents in both spaces (at most `limit`)."""
+        rows, (src, dst) = self.read(shard, split, limit)
+        return ShardTiles(rows, src, dst)
 
     def iter_split(self, split: str, limit: int | None = None) -> Iterator[ShardTiles]:
         """The split's tiles shard by shard in dataset order, at most `limit` in all; reads stop there."""
@@ -134,25 +166,22 @@ class PairReader:
                           np.concatenate([p.dst for p in parts]))
 
 
-class CropStream:
-    """Rank `rank`'s endless stream of aligned random crops of the train split (see the module doc)."""
+class TileStream:
+    """Rank `rank`'s endless stream of the train split's tiles, each space's latents aligned (see the module doc);
+    CropStream and UniversalStream cut their crops from it."""
 
-    def __init__(self, reader: PairReader, crop: int, batch: int, seed: int, rank: int, world: int,
-                 prefetch: bool = True):
+    def __init__(self, reader: TileReader, batch: int, seed: int, rank: int, world: int, prefetch: bool = True):
         if batch % world:
             raise ValueError(f"batch {batch} must divide evenly over {world} workers")
-        self.reader, self.crop, self.local_batch = reader, crop, batch // world
+        self.reader, self.local_batch = reader, batch // world
         self.seed, self.rank, self.world = seed, rank, world
-        fs, fd = get_space(reader.src).factor, get_space(reader.dst).factor
-        self.scale = fs / fd  # dst pixels per src pixel
-        self.grid = max(1, round(fd / math.gcd(fs, fd)))  # src offsets on this grid map to whole dst pixels
         shards = max(1, reader.shards)
         self.parts = max(1, math.ceil(world / shards))  # slices per shard: every rank gets a unit each epoch
         self.units = shards * self.parts
         self.epoch, self.pos, self.offset = 0, 0, 0  # the cursor: the next tile is tile `offset` of unit `pos`
         self._orders: dict[int, list[int]] = {}
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="crop-stream") if prefetch else None
-        self._current: tuple[tuple[int, int], tuple] | None = None  # ((epoch, pos), (src, dst))
+        self._current: tuple[tuple[int, int], list] | None = None  # ((epoch, pos), each space's latents)
         self._next: tuple[tuple[int, int], Future] | None = None
 
     # --- position ---
@@ -179,15 +208,15 @@ class CropStream:
         return (epoch, pos + 1) if pos + 1 < len(self._order(epoch)) else (epoch + 1, 0)
 
     # --- reading ---
-    def _read(self, epoch: int, unit: int) -> tuple[np.ndarray, np.ndarray]:
-        """(src, dst) of a unit's train tiles in this epoch's order."""
+    def _read(self, epoch: int, unit: int) -> list[np.ndarray]:
+        """Each space's latents of a unit's train tiles, in this epoch's order."""
         shard, part = divmod(unit, self.parts)
-        tiles = self.reader.shard(shard, "train")
+        _, latents = self.reader.read(shard, "train")
         g = torch.Generator().manual_seed(step_seed(self.seed, "tiles", epoch, shard))
-        order = torch.randperm(len(tiles), generator=g)[part :: self.parts].numpy()
-        return tiles.src[order], tiles.dst[order]
+        order = torch.randperm(len(latents[0]), generator=g)[part :: self.parts].numpy()
+        return [x[order] for x in latents]
 
-    def _unit(self, epoch: int, pos: int) -> tuple[np.ndarray, np.ndarray]:
+    def _unit(self, epoch: int, pos: int) -> list[np.ndarray]:
         """The unit at (epoch, pos), read now or taken from the prefetch; starts reading the one after it."""
         key = (epoch, pos)
         if self._current is not None and self._current[0] == key:
@@ -202,26 +231,43 @@ class CropStream:
             self._next = ((e, p), self._pool.submit(self._read, e, self._order(e)[p]))
         return got
 
-    def tiles(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """The next n (src, dst) tiles of this rank's stream; advances the cursor."""
-        src, dst, empty = [], [], 0
+    def tiles(self, n: int) -> list[np.ndarray]:
+        """Each space's latents of the next n tiles of this rank's stream; advances the cursor."""
+        got, empty = [[] for _ in self.reader.spaces], 0
         while n:
-            a, b = self._unit(self.epoch, self.pos)
-            take = a[self.offset : self.offset + n]
-            if len(take):
-                src.append(take)
-                dst.append(b[self.offset : self.offset + len(take)])
-                self.offset += len(take)
-                n -= len(take)
+            unit = self._unit(self.epoch, self.pos)
+            take = len(unit[0][self.offset : self.offset + n])
+            if take:
+                for parts, x in zip(got, unit):
+                    parts.append(x[self.offset : self.offset + take])
+                self.offset += take
+                n -= take
                 empty = 0
-            if self.offset >= len(a):
+            if self.offset >= len(unit[0]):
                 self.epoch, self.pos = self._after(self.epoch, self.pos)
                 self.offset = 0
-                empty = empty + 1 if not len(take) else 0
+                empty = empty + 1 if not take else 0
                 if empty > 4 * self.units + 100:
                     raise ValueError(f"--data {self.reader.data}: rank {self.rank} finds no training tiles in "
                                      f"{empty} units in a row; the train split is empty")
-        return np.concatenate(src), np.concatenate(dst)
+        return [np.concatenate(parts) for parts in got]
+
+    def close(self) -> None:
+        self._current = self._next = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class CropStream(TileStream):
+    """Rank `rank`'s endless stream of aligned random crops of a pair's train split (see the module doc)."""
+
+    def __init__(self, reader: PairReader, crop: int, batch: int, seed: int, rank: int, world: int,
+                 prefetch: bool = True):
+        super().__init__(reader, batch, seed, rank, world, prefetch)
+        self.crop = crop
+        fs, fd = get_space(reader.src).factor, get_space(reader.dst).factor
+        self.scale = fs / fd  # dst pixels per src pixel
+        self.grid = max(1, round(fd / math.gcd(fs, fd)))  # src offsets on this grid map to whole dst pixels
 
     def next(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(src crops (b/world, Cs, c, c), dst crops (b/world, Cd, c*s, c*s)) float32 for `step`."""
@@ -238,7 +284,64 @@ class CropStream:
                           int(x * self.scale) : int(x * self.scale) + cd] for i, (y, x) in enumerate(zip(ys, xs))])
         return torch.from_numpy(src).float(), torch.from_numpy(dst).float()
 
-    def close(self) -> None:
-        self._current = self._next = None
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+
+@dataclass
+class PairBatch:
+    """The samples of one step that convert src -> dst."""
+
+    src: str
+    dst: str
+    x: torch.Tensor  # (n, Cs, c*grid/fs, c*grid/fs) float32 raw src latents
+    y: torch.Tensor  # (n, Cd, c*grid/fd, c*grid/fd) float32 raw dst latents, the same pixels
+
+
+def crop_sides(spaces, crop: int, grid: int) -> dict[str, int]:
+    """Each space's crop side in its own latent pixels, for a crop of `crop` working-grid pixels; ValueError unless
+    every side is whole."""
+    px = crop * grid
+    coarsest = max(get_space(c).factor for c in spaces)
+    if px % coarsest:
+        raise ValueError(f"--crop {crop} (grid pixels of {grid} px: {px} px) must cover whole latent pixels of "
+                         f"every space: a multiple of {max(1, coarsest // grid)} (the coarsest space is /{coarsest})")
+    return {c: px // get_space(c).factor for c in spaces}
+
+
+class UniversalStream(TileStream):
+    """Rank `rank`'s stream for a universal run: each sample of a step is a tile, an ordered pair of the run's
+    spaces drawn with `weights`, and a crop of `crop` working-grid pixels at a position every space can cut;
+    a step's samples come grouped by pair. The draws are functions of (seed, step, rank)."""
+
+    def __init__(self, reader: TileReader, pairs: list[tuple[str, str]], weights: list[float], crop: int, grid: int,
+                 batch: int, seed: int, rank: int, world: int, prefetch: bool = True):
+        super().__init__(reader, batch, seed, rank, world, prefetch)
+        self.pairs, self.weights = pairs, torch.tensor(weights, dtype=torch.float64)
+        self.sides = crop_sides(reader.spaces, crop, grid)
+        self.px = crop * grid
+        self.step_px = max(get_space(c).factor for c in reader.spaces)  # positions on whole pixels of every space
+        self.index = {c: i for i, c in enumerate(reader.spaces)}
+
+    def next(self, step: int) -> list[PairBatch]:
+        """This rank's samples of `step`, a PairBatch per pair drawn (in the order of `pairs`)."""
+        latents = self.tiles(self.local_batch)
+        g = torch.Generator().manual_seed(step_seed(self.seed, step, self.rank, 3))
+        n = len(latents[0])
+        which = torch.multinomial(self.weights, n, replacement=True, generator=g).tolist()
+        f0 = get_space(self.reader.spaces[0]).factor
+        side_px = latents[0].shape[-1] * f0
+        if self.px > side_px:
+            raise ValueError(f"a crop of {self.px} px is larger than the tiles ({side_px} px); pass a smaller --crop")
+        ys = (torch.randint((side_px - self.px) // self.step_px + 1, (n,), generator=g) * self.step_px).tolist()
+        xs = (torch.randint((side_px - self.px) // self.step_px + 1, (n,), generator=g) * self.step_px).tolist()
+
+        def cut(code: str, i: int) -> np.ndarray:
+            f, c = get_space(code).factor, self.sides[code]
+            return latents[self.index[code]][i, :, ys[i] // f : ys[i] // f + c, xs[i] // f : xs[i] // f + c]
+
+        out = []
+        for p, (src, dst) in enumerate(self.pairs):
+            members = [i for i in range(n) if which[i] == p]
+            if members:
+                x = np.stack([cut(src, i) for i in members])
+                y = np.stack([cut(dst, i) for i in members])
+                out.append(PairBatch(src, dst, torch.from_numpy(x).float(), torch.from_numpy(y).float()))
+        return out

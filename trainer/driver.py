@@ -11,6 +11,7 @@ weights as one that never stopped (on the CPU; GPU kernels are not bit-reproduci
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -30,7 +31,7 @@ from interposer.pipeline.schema import DatasetFiles, images_path, read_manifest,
 
 from .checkpoint import load_final
 from .config import RESUMABLE, TrainConfig
-from .data import check_pair
+from .data import check_pair, check_spaces, crop_sides
 from .publish import EXPORT
 
 RUN_RECORD = "interposer-run.json"
@@ -46,6 +47,13 @@ def pair_fingerprint(manifest, src: str, dst: str) -> str:
     """What the pair's latents depend on: tiling, sources and both spaces' VAEs."""
     ident = dict(manifest.identity(), src=(src, manifest.spaces[src].fingerprint, manifest.spaces[src].dtype),
                  dst=(dst, manifest.spaces[dst].fingerprint, manifest.spaces[dst].dtype), tiles=manifest.counts)
+    return "sha256:" + hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+
+def spaces_fingerprint(manifest, spaces: list[str]) -> str:
+    """What a universal run's latents depend on: tiling, sources and every space's VAE."""
+    ident = dict(manifest.identity(), tiles=manifest.counts,
+                 spaces=[(c, manifest.spaces[c].fingerprint, manifest.spaces[c].dtype) for c in spaces])
     return "sha256:" + hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
 
@@ -120,10 +128,17 @@ def _check_data(cfg: TrainConfig, data: str, manifest) -> bool:
     splits have one (usually the first shard)."""
     from .data import is_validation
 
-    side = manifest.spaces[cfg.src].latent_shape[1:]
-    if cfg.data.crop > min(side):
-        raise ValueError(f"--crop {cfg.data.crop} is larger than the {cfg.src} latents of {data} ({side[0]}x{side[1]}, "
-                         f"from {manifest.tile_size} px tiles); pass --crop {min(side)} or less")
+    if cfg.is_universal:
+        crop_sides(cfg.space_list(), cfg.data.crop, cfg.universal.grid)  # whole latent pixels in every space
+        if cfg.data.crop * cfg.universal.grid > manifest.tile_size:
+            raise ValueError(f"--crop {cfg.data.crop} (working-grid pixels of {cfg.universal.grid} px) is larger than "
+                             f"the {manifest.tile_size} px tiles of {data}; pass --crop "
+                             f"{manifest.tile_size // cfg.universal.grid} or less")
+    else:
+        side = manifest.spaces[cfg.src].latent_shape[1:]
+        if cfg.data.crop > min(side):
+            raise ValueError(f"--crop {cfg.data.crop} is larger than the {cfg.src} latents of {data} ({side[0]}x"
+                             f"{side[1]}, from {manifest.tile_size} px tiles); pass --crop {min(side)} or less")
     store, found, images = DatasetFiles(data), {True: False, False: False}, 0
     for shard in range(manifest.shards):
         for r in store.read_table(images_path(shard), columns=["image_id", "status", "tiles"]).to_pylist():
@@ -150,6 +165,11 @@ STATS_TILES = 256  # train tiles the shuffle network's normalisation is measured
 def train_stats(cfg: TrainConfig, data: str) -> dict | None:
     """Per-channel latent statistics of the first STATS_TILES train tiles, for networks that normalise (the
     same numbers on every rank and on every resume: they depend on the dataset and the split only)."""
+    if cfg.is_universal:
+        from .data import TileReader
+        from .universal import universal_stats
+
+        return universal_stats(TileReader(data, cfg.space_list(), cfg.data.val_fraction), cfg)
     if cfg.model.arch == "v4":
         return None
     from .data import PairReader
@@ -177,8 +197,17 @@ def train(cfg: TrainConfig, spec: RunSpec) -> Path | str:
     begun = time.time()
     manifest = register_manifest_spaces(read_manifest(spec.data))
     _check_out(spec)
-    check_pair(manifest, spec.data, cfg.src, cfg.dst)
-    fingerprint = pair_fingerprint(manifest, cfg.src, cfg.dst)
+    if cfg.is_universal:
+        from .universal import pair_draws, run_spaces
+
+        spaces = run_spaces(cfg, manifest)
+        cfg = dataclasses.replace(cfg, universal=dataclasses.replace(cfg.universal, spaces=",".join(spaces)))
+        check_spaces(manifest, spec.data, spaces)
+        pair_draws(cfg, spaces)  # --pair-weights' mistakes, before Ray starts
+        fingerprint = spaces_fingerprint(manifest, spaces)
+    else:
+        check_pair(manifest, spec.data, cfg.src, cfg.dst)
+        fingerprint = pair_fingerprint(manifest, cfg.src, cfg.dst)
     has_val = _check_data(cfg, spec.data, manifest)
     if cfg.loss.decoded_loss_weight:
         _check_decoder(cfg, spec, manifest)
@@ -195,7 +224,9 @@ def train(cfg: TrainConfig, spec: RunSpec) -> Path | str:
         store.write_bytes(RUN_RECORD, json.dumps(record, indent=2).encode())
 
     write_record(None)
-    print(f"[train] {cfg.src} -> {cfg.dst} on {spec.data}: {cfg.schedule.steps} steps, batch {cfg.data.batch} of "
+    what = (f"universal over {cfg.universal.spaces} ({len(cfg.space_list()) * (len(cfg.space_list()) - 1)} pairs)"
+            if cfg.is_universal else f"{cfg.src} -> {cfg.dst}")
+    print(f"[train] {what} on {spec.data}: {cfg.schedule.steps} steps, batch {cfg.data.batch} of "
           f"{cfg.data.crop}px crops, {cfg.resources.workers} worker(s){' on GPU' if cfg.resources.gpu else ''}; "
           f"run {_run_dir(spec)}"
           + (" (resuming)" if record else ""), flush=True)
@@ -241,7 +272,7 @@ def train(cfg: TrainConfig, spec: RunSpec) -> Path | str:
         if result.checkpoint is None:
             raise RuntimeError(f"run {spec.name} ended without a checkpoint")
         with result.checkpoint.as_directory() as folder:
-            primary, step = load_final(folder, cfg)
+            primary, step = load_final(folder, cfg, _universal(cfg, stats) if cfg.is_universal else None)
             _export(primary, cfg, spec)
         write_record(step)
         resumed = int((result.metrics or {}).get("resumed_from", 0))
@@ -253,10 +284,17 @@ def train(cfg: TrainConfig, spec: RunSpec) -> Path | str:
             ray.shutdown()
 
 
+def _universal(cfg: TrainConfig, stats: dict):
+    from .universal import universal_network
+
+    return universal_network(cfg, cfg.space_list(), stats)
+
+
 def _export(primary, cfg: TrainConfig, spec: RunSpec) -> None:
     """RUNS/NAME/export/: our format (model.safetensors + config.json) and the released layout file."""
     with tempfile.TemporaryDirectory() as tmp:
-        save_interposer(primary, tmp, cfg.src, cfg.dst, version=spec.rev,
+        pair = () if cfg.is_universal else (cfg.src, cfg.dst)
+        save_interposer(primary, tmp, *pair, version=spec.rev,
                         extra=dict(trained_steps=cfg.schedule.steps, data=spec.data,
                                    val_fraction=cfg.data.val_fraction, seed=cfg.seed))
         if is_v4(primary):  # the v4 architecture at v4's size: also the layout v4 loaders know

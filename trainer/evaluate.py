@@ -93,6 +93,9 @@ def evaluate(model: str, data: str, split: str = "val", limit: int | None = 64, 
     dev = torch.device(device)
     path = Path(model)
     net = load_interposer(str(path)) if src is None else load_interposer(src, dst, weights=path)
+    if getattr(net, "src", None) is None:  # a universal model converts many pairs
+        raise ValueError(f"{path} is a universal interposer ({', '.join(net.spaces)}): name the pair to evaluate "
+                         "with --src and --dst")
     src, dst = net.src, net.dst
     s, d = get_space(src), get_space(dst)
     if not s.decoder and not d.decoder:

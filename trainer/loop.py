@@ -16,7 +16,7 @@ import torch
 
 from .checkpoint import load_with_fallback, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
-from .data import CropStream, PairReader, step_seed
+from .data import CropStream, PairReader, TileReader, TileStream, UniversalStream, step_seed
 from .step import build_models, build_optim, train_step, validation_l1
 
 
@@ -53,7 +53,7 @@ def _is_local(checkpoint) -> bool:
     return isinstance(checkpoint.filesystem, pafs.LocalFileSystem)
 
 
-def _resume(cfg: TrainConfig, primary, secondary, optims: dict, stream: CropStream, rank: int) -> int:
+def _resume(cfg: TrainConfig, primary, secondary, optims: dict, stream: TileStream, rank: int) -> int:
     """Load Ray Train's latest checkpoint, if any, into the models, optimizers, this rank's data position and
     RNGs (before DDP wraps the models); returns the step to go on from (0 for a fresh run)."""
     import ray.train
@@ -114,7 +114,7 @@ def _metrics(losses, optims: dict, done: int, start: int, rate: float, first_ste
     return metrics
 
 
-def _positions(stream: CropStream, world: int) -> tuple[list, list]:
+def _positions(stream: TileStream, world: int) -> tuple[list, list]:
     """(every rank's RNG states, every rank's data position), for a checkpoint: a collective."""
     import torch.distributed as dist
 
@@ -171,6 +171,79 @@ class WorkerJob:
     tensorboard: str | None = None  # rank 0's TensorBoard folder; None: none (runs in object storage)
 
 
+class _PairTask:
+    """A pairwise run on one rank: primary src -> dst and its dst -> src partner, their optimizers, the stream."""
+
+    def __init__(self, job: WorkerJob, rank: int, world: int, device):
+        cfg = self.cfg = job.cfg
+        self.device = device
+        self.reader = PairReader(job.data, cfg.src, cfg.dst, cfg.data.val_fraction)
+        self.stream = CropStream(self.reader, cfg.data.crop, cfg.data.batch, cfg.seed, rank, world)
+        self.primary, self.secondary = build_models(cfg, job.stats)
+        self.optims = {"primary": build_optim(cfg, self.primary)}
+        if cfg.uses_secondary:
+            self.optims["secondary"] = build_optim(cfg, self.secondary)
+        self.decoder = _decoder(cfg, job.data, device, job.trust_remote_code) if cfg.loss.decoded_loss_weight else None
+
+    def checkpointed(self) -> tuple:
+        """(primary, secondary) as a checkpoint holds them (unwrapped from DDP)."""
+        unwrap = lambda m: getattr(m, "module", m)  # noqa: E731
+        return unwrap(self.primary), unwrap(self.secondary)
+
+    def prepare(self, on_device) -> None:
+        """After the resume: onto the device, DDP-wrapped where there are several ranks."""
+        self.primary = on_device(self.primary)
+        self.secondary = on_device(self.secondary) if self.cfg.uses_secondary else self.secondary.to(self.device)
+
+    def load_val(self, tiles: int) -> None:  # the first `tiles` validation tiles, and only their row groups
+        val = self.reader.take("val", tiles)
+        self.val = torch.from_numpy(val.src), torch.from_numpy(val.dst)
+
+    def step(self, step: int):
+        return train_step(self.cfg, self.primary, self.secondary, list(self.optims.values()), *self.stream.next(step),
+                          self.device, self.decoder, step)
+
+    def validate(self) -> dict[str, float]:
+        return {"val_l1": validation_l1(self.checkpointed()[0], *self.val, self.device)}
+
+
+class _UniversalTask:
+    """A universal run on one rank: the one network over every pair of its spaces, its optimizer, the stream."""
+
+    def __init__(self, job: WorkerJob, rank: int, world: int, device):
+        from .universal import PairsForward, pair_draws, universal_network
+
+        cfg = self.cfg = job.cfg
+        self.device, self.world = device, world
+        spaces = cfg.space_list()  # the driver filled it in
+        self.pairs, weights = pair_draws(cfg, spaces)
+        self.reader = TileReader(job.data, spaces, cfg.data.val_fraction)
+        self.stream = UniversalStream(self.reader, self.pairs, weights, cfg.data.crop, cfg.universal.grid,
+                                      cfg.data.batch, cfg.seed, rank, world)
+        self.net = universal_network(cfg, spaces, job.stats or {})
+        self.model = PairsForward(self.net)
+        self.optims = {"primary": build_optim(cfg, self.net)}
+
+    def checkpointed(self) -> tuple:
+        return self.net, None
+
+    def prepare(self, on_device) -> None:
+        self.model = on_device(self.model)
+
+    def load_val(self, tiles: int) -> None:
+        self.val = {c: torch.from_numpy(x) for c, x in zip(self.reader.spaces, self.reader.take_all("val", tiles))}
+
+    def step(self, step: int):
+        from .universal import universal_step
+
+        return universal_step(self.cfg, self.model, list(self.optims.values()), self.stream.next(step), self.device)
+
+    def validate(self) -> dict[str, float]:
+        from .universal import validate_pairs
+
+        return validate_pairs(self.net, self.val, self.pairs, self.device)
+
+
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
 
@@ -185,29 +258,17 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device() if cfg.resources.gpu else torch.device("cpu")
     torch.set_num_threads(job.threads)
 
-    reader = PairReader(job.data, cfg.src, cfg.dst, cfg.data.val_fraction)
-    stream = CropStream(reader, cfg.data.crop, cfg.data.batch, cfg.seed, rank, world)  # this rank's share, streamed
-    primary, secondary = build_models(cfg, job.stats)
-    optims = {"primary": build_optim(cfg, primary)}
-    if cfg.uses_secondary:
-        optims["secondary"] = build_optim(cfg, secondary)
-    start = _resume(cfg, primary, secondary, optims, stream, rank)  # before wrapping in DDP
-
-    def on_device(model):  # DDP-wrapped when there are several ranks
-        return ray.train.torch.prepare_model(model, move_to_device=device) if world > 1 else model.to(device)
-
-    primary = on_device(primary)
-    secondary = on_device(secondary) if cfg.uses_secondary else secondary.to(device)
-    unwrap = lambda m: getattr(m, "module", m)  # noqa: E731
-    decoder = _decoder(cfg, job.data, device, job.trust_remote_code) \
-        if cfg.loss.decoded_loss_weight else None
+    task = (_UniversalTask if cfg.is_universal else _PairTask)(job, rank, world, device)  # this rank's share, streamed
+    start = _resume(cfg, *task.checkpointed(), task.optims, task.stream, rank)  # before wrapping in DDP
+    # the universal network's adapters for spaces a rank did not draw take no part in its step
+    ddp = dict(parallel_strategy_kwargs=dict(find_unused_parameters=True)) if cfg.is_universal else {}
+    task.prepare(lambda m: ray.train.torch.prepare_model(m, move_to_device=device, **ddp) if world > 1
+                 else m.to(device))
 
     # whether a step evaluates must be decided the same on every rank: it decides a collective below
     has_val = job.has_val
-    val = None
-    if rank == 0 and has_val:  # the first eval_tiles validation tiles, and only their row groups
-        val = reader.take("val", cfg.log.eval_tiles)
-        val = torch.from_numpy(val.src), torch.from_numpy(val.dst)
+    if rank == 0 and has_val:
+        task.load_val(cfg.log.eval_tiles)
     writer = None
     if rank == 0 and job.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
@@ -217,8 +278,7 @@ def train_loop_per_worker(config: dict) -> None:
     meter = _Meter(start, job.started_at)
     for step in range(start, cfg.schedule.steps):
         torch.manual_seed(step_seed(cfg.seed, step, rank, 2))  # dropout: a function of (seed, step, rank)
-        src, dst = stream.next(step)
-        losses = train_step(cfg, primary, secondary, list(optims.values()), src, dst, device, decoder, step)
+        losses = task.step(step)
         done = step + 1
         meter.stepped()
 
@@ -232,17 +292,17 @@ def train_loop_per_worker(config: dict) -> None:
             continue
 
         rate = meter.rate(done)
-        metrics = _metrics(losses, optims, done, start, rate, meter.first_step_s, world)
+        metrics = _metrics(losses, task.optims, done, start, rate, meter.first_step_s, world)
         if evaluate and rank == 0:
-            metrics["val_l1"] = validation_l1(unwrap(primary), *val, device)
-        positions = _positions(stream, world) if save else None
+            metrics.update(task.validate())
+        positions = _positions(task.stream, world) if save else None
         if rank == 0:
             _log(cfg, metrics, done, rate, preempted, writer)
         if save and rank == 0:
-            _report_checkpoint(metrics, (unwrap(primary), unwrap(secondary)), optims, done, positions, cfg,
+            _report_checkpoint(metrics, task.checkpointed(), task.optims, done, positions, cfg,
                                job.fingerprint, last=done == cfg.schedule.steps or preempted)
         else:
             ray.train.report(metrics)
-    stream.close()
+    task.stream.close()
     if writer is not None:
         writer.close()

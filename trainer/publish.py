@@ -219,6 +219,9 @@ def _stage(model: Path, repo: str, rev: str, folder: Path) -> list[Path]:
     export, run = find_export(model)
     config = json.loads((export / "config.json").read_text())
     net = load_interposer(str(export))  # also checks the weights load
+    if getattr(net, "src", None) is None:
+        raise ValueError(f"{export} is a universal interposer ({', '.join(net.spaces)}); publishing one is not "
+                         "supported yet: publish a pairwise run")
     folder.mkdir(parents=True, exist_ok=True)
     record_file = run / "interposer-run.json" if run else None
     record = json.loads(record_file.read_text()) if record_file and record_file.is_file() else None

@@ -9,7 +9,8 @@ import pytest
 
 from interposer.pipeline.options import AddSpaceConfig, BuildConfig
 from interposer.settings import flag_name, given, settings_table
-from interposer.trainer.config import GROUPS, RESUMABLE, TrainConfig, add_train_flags, train_flags_given
+from interposer.trainer.config import (GROUPS, RESUMABLE, TrainConfig, UniversalConfig, add_train_flags,
+                                       train_flags_given)
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 TRAIN = (TrainConfig, *GROUPS.values())
@@ -25,8 +26,10 @@ def _other_value(f, kind):
         kind = next(a for a in typing.get_args(kind) if a is not type(None))
     if kind is bool:
         return not f.default
-    if typing.get_origin(kind) is typing.Literal:
-        return next(v for v in reversed(typing.get_args(kind)) if v != f.default)
+    if typing.get_origin(kind) is typing.Literal:  # (a universal arch is tested with its own settings)
+        return next(v for v in reversed(typing.get_args(kind)) if v not in (f.default, "universal"))
+    if kind is str:
+        return {"spaces": "xl,v1", "pair_weights": "xl->v1=2"}[f.name]
     if kind is int:
         return 7 if f.default is None else (f.default * 2 or 1)
     return 0.25
@@ -48,11 +51,17 @@ def _argv(classes) -> tuple[list[str], dict]:
 def test_every_train_setting_has_a_flag_that_sets_it():
     parser = argparse.ArgumentParser()
     add_train_flags(parser)
-    argv, expected = _argv(TRAIN)
+    argv, expected = _argv([c for c in TRAIN if c is not UniversalConfig])
     assert {"lr", "blocks", "beta1", "cosine", "eval_tiles", "num_to_keep"} <= set(expected)  # once YAML-only
     cfg = TrainConfig.of(**train_flags_given(parser.parse_args(argv)))
     assert {k: cfg.flat()[k] for k in expected} == expected
     assert train_flags_given(parser.parse_args([])) == {}  # not given: the file's value or the default stands
+    # a universal run's own settings, with the universal network
+    argv, expected = _argv([UniversalConfig])
+    cfg = TrainConfig.of(**train_flags_given(parser.parse_args(argv + ["--arch", "universal"])))
+    assert {k: cfg.flat()[k] for k in expected} == expected and cfg.is_universal
+    with pytest.raises(ValueError, match=r"^--spaces applies to a universal run \(--universal\)$"):
+        TrainConfig.of(**train_flags_given(parser.parse_args(["--spaces", "xl,v1"])))
 
 
 @pytest.mark.parametrize("cls", [BuildConfig, AddSpaceConfig])
@@ -81,7 +90,7 @@ def test_a_bad_value_names_the_setting_and_what_it_must_be(tmp_path):
         TrainConfig.of(steps=0)
     with pytest.raises(ValueError, match=r"^beta2 must be in \[0, 1\), got 1.5$"):
         TrainConfig.of(beta2=1.5)
-    with pytest.raises(ValueError, match=r"^arch must be auto, v4 or shuffle, got 'v5'$"):
+    with pytest.raises(ValueError, match=r"^arch must be auto, v4, shuffle or universal, got 'v5'$"):
         TrainConfig.of(arch="v5")
     with pytest.raises(ValueError, match=r"^max_failures must be an integer of at least -1, got -2$"):
         TrainConfig.of(max_failures=-2)

@@ -6,12 +6,10 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from interposer import convert, load_interposer
 from interposer.pipeline.build import BuildConfig, build
@@ -19,17 +17,9 @@ from interposer.trainer.config import TrainConfig
 from interposer.trainer.driver import RunSpec, train
 
 from helpers import TINY_TRAIN as TINY
-
-
-def _final(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run / "export" / "model.safetensors"))
-
-
-def _assert_same(a: Path, b: Path) -> None:
-    wa, wb = _final(a), _final(b)
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        assert torch.equal(wa[k], wb[k]), k
+from helpers import assert_same_export as _assert_same
+from helpers import final_weights as _final
+from helpers import wait_for_checkpoint as _wait_for_checkpoint
 
 
 def test_run_exports_a_loadable_interposer_and_a_rerun_does_nothing(reference, dataset, capsys):
@@ -75,32 +65,12 @@ def test_resume_with_other_settings_is_refused(reference, dataset, vaes, tmp_pat
         train(TrainConfig.of(**TINY), RunSpec(str(other), str(reference.parent), "ref"))
 
 
-def _registered_steps(run: Path) -> list[int]:
-    """Steps of the checkpoints Ray Train has registered (written *and* recorded in its snapshot): only
-    those are resumed from, so a kill must come after one."""
-    try:
-        snapshot = json.loads((run / "checkpoint_manager_snapshot.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return []
-    return sorted(int(r["metrics"]["step"]) for r in snapshot["checkpoint_results"])
-
-
 def _start_driver(dataset: Path, runs: Path, name: str, ray_session, *extra: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "interposer.trainer", "train", "--data", str(dataset), "--src", "xl", "--dst", "v1",
            "--out", str(runs), "--name", name, "--config", str(runs / "tiny.yaml"), *extra]
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     log = open(runs / f"{name}.log", "w")  # noqa: SIM115  (closed with the process)
     return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _wait_for_checkpoint(run: Path, proc: subprocess.Popen, timeout: float = 180) -> list[int]:
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        steps = _registered_steps(run)
-        if steps:
-            return steps
-        time.sleep(0.02)
-    raise AssertionError(f"no checkpoint appeared (exit code {proc.poll()})")
 
 
 def _write_tiny_yaml(runs: Path) -> None:

@@ -1,0 +1,167 @@
+"""The universal interposer trained with Ray Train on a real local Ray session: 2 CPU workers (gloo, DDP), a
+dataset of three spaces (/8, /4 Cascade, /8 with 32 channels) built by the pipeline from stand-in VAEs."""
+
+import json
+import os
+import re
+import signal
+
+import pytest
+import torch
+
+from interposer import convert, load_interposer
+from interposer.pipeline.build import BuildConfig, build
+from interposer.trainer.config import TrainConfig
+from interposer.trainer.driver import RunSpec, train
+from interposer.universal_model import UniversalInterposer
+
+from helpers import assert_same_export, wait_for_checkpoint
+
+SPACES = ("xl", "ca", "fx2")
+# crop 4 grid pixels of 8 px: 32 px, i.e. 4 xl / fx2 pixels and 8 Cascade pixels
+UNI = dict(arch="universal", ch_mid=8, blocks=1, emb=4, batch=8, crop=4, steps=40, fconst=20, checkpoint_every=10,
+           eval_every=20, log_every=20, val_fraction=0.2, workers=2, max_failures=3)
+FLAGS = ["--universal", "--ch-mid", "8", "--blocks", "1", "--emb", "4", "--batch", "8", "--crop", "4", "--steps", "40",
+         "--fconst", "20", "--checkpoint-every", "10", "--eval-every", "20", "--log-every", "20", "--val-fraction",
+         "0.2", "--workers", "2", "--max-failures", "3"]
+
+
+@pytest.fixture(scope="module")
+def three(ray_session, photos, vaes, tmp_path_factory):
+    out = tmp_path_factory.mktemp("universal-data") / "three"
+    build(BuildConfig(images=[str(photos)], spaces=[f"{c}={vaes[c]}" for c in SPACES], out=str(out), tile_size=64,
+                      max_tiles=6, min_size=64, shard_size=2, quiet=True))
+    return out
+
+
+@pytest.fixture(scope="module")
+def uni_run(three, tmp_path_factory):
+    runs = tmp_path_factory.mktemp("universal-runs")
+    train(TrainConfig.of(**UNI), RunSpec(str(three), str(runs), "uni"))
+    return runs / "uni"
+
+
+def test_trains_every_pair_and_exports_one_universal_model(uni_run, three, capsys):
+    export = uni_run / "export"
+    config = json.loads((export / "config.json").read_text())
+    assert config["architecture"] == "interposer-universal"
+    assert sorted(config["pairs"]) == sorted(f"{a}->{b}" for a in SPACES for b in SPACES if a != b)
+    assert sorted(p.name for p in export.iterdir()) == ["config.json", "model.safetensors"]  # no released layout
+    record = json.loads((uni_run / "interposer-run.json").read_text())
+    assert record["config"]["universal"]["spaces"] == "ca,fx2,xl"  # the dataset's and record["finished"] == 40
+
+    net = load_interposer(str(export))
+    assert isinstance(net, UniversalInterposer) and list(net.spaces) == ["ca", "fx2", "xl"]
+    x = torch.randn(1, 4, 16, 16)  # Cascade latents of 64 px
+    with torch.no_grad():
+        want = net(x, "ca", "fx2")
+    assert want.shape == (1, 32, 8, 8)
+    torch.testing.assert_close(convert(x, "ca", "fx2", weights=export), want, rtol=1e-5, atol=1e-6)
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(uni_run / "tensorboard"))
+    board.Reload()
+    tags = board.Tags()["scalars"]
+    assert {f"val_l1/{a}->{b}" for a in SPACES for b in SPACES if a != b} <= set(tags)
+    assert [e.step for e in board.Scalars("val_l1/ca->fx2")] == [20, 40]
+    losses = [e.value for e in board.Scalars("loss")]
+    assert losses[-1] < losses[0], losses  # it learns
+
+    train(TrainConfig.of(**UNI), RunSpec(str(three), str(uni_run.parent), "uni"))
+    assert "already finished at step 40; nothing to do" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_driver_killed_mid_run_then_rerun_resumes_bit_exactly(uni_run, three, ray_session, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    cmd = [sys.executable, "-m", "interposer", "train", "--data", str(three), "--out", str(runs), "--name", "killed",
+           *FLAGS]
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    with open(runs / "killed.log", "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    steps = wait_for_checkpoint(runs / "killed", proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert max(steps) < UNI["steps"], "the kill should land mid-run"
+    assert not (runs / "killed" / "export").exists()
+    capsys.readouterr()
+    train(TrainConfig.of(**UNI), RunSpec(str(three), str(runs), "killed"))
+    out = capsys.readouterr().out
+    resumed = re.search(r"resumed from step (\d+)", out)
+    assert "(resuming)" in out and resumed and int(resumed.group(1)) >= max(steps), out
+    assert_same_export(runs / "killed", uni_run)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--universal", "--src", "xl"], "give --spaces A,B,... instead of --src/--dst"),
+    (["--universal", "--arch", "v4"], "--universal and --arch v4 ask for different networks"),
+    (["--steps", "2"], "give --src and --dst (the pair to train), or --universal"),
+    (["--universal", "--spaces", "xl,v1"], "has no v1 latents; it has ca, fx2, xl"),
+    (["--universal", "--spaces", "xl"], "a universal run needs at least two spaces"),
+    (["--universal", "--pair-weights", "xl->v3=2"], "--pair-weights names xl->v3, not a pair of this run's spaces"),
+    (["--universal", "--grid", "2", "--crop", "3"], "must cover whole latent pixels of every space: a multiple of 4"),
+    (["--universal", "--crop", "16"], "--crop 16 (working-grid pixels of 8 px) is larger than the 64 px tiles"),
+    (["--universal", "--r-loss-weight", "1"], "a universal run trains the conversion loss (p) only"),
+])  # fmt: skip
+def test_cli_mistakes_exit_2_and_write_nothing(argv, message, three, tmp_path):
+    from helpers import run
+
+    result = run("-m", "interposer", "train", "--data", str(three), "--out", str(tmp_path / "runs"), "--name", "bad",
+                 *argv)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert not (tmp_path / "runs" / "bad").exists()
+
+
+def test_weights_of_every_pair_are_drawn_as_asked(three):
+    from interposer.trainer.data import TileReader, UniversalStream
+    from interposer.trainer.universal import pair_draws
+
+    cfg = TrainConfig.of(**(UNI | dict(spaces="xl,ca,fx2", pair_weights="ca->fx2=4,xl->ca=0")))
+    pairs, weights = pair_draws(cfg, ["xl", "ca", "fx2"])
+    stream = UniversalStream(TileReader(str(three), SPACES, 0.2), pairs, weights, crop=4, grid=8, batch=8, seed=0,
+                             rank=0, world=1, prefetch=False)
+    counts = {p: 0 for p in pairs}
+    for step in range(60):
+        for b in stream.next(step):
+            counts[(b.src, b.dst)] += len(b.x)
+            assert b.x.shape[1:] == (4, 8, 8) if b.src == "ca" else b.x.shape[1:] == (4 if b.src == "xl" else 32, 4, 4)
+            assert b.y.shape[-1] == (8 if b.dst == "ca" else 4)
+    stream.close()
+    assert counts[("xl", "ca")] == 0
+    assert counts[("ca", "fx2")] > 2 * max(v for p, v in counts.items() if p != ("ca", "fx2"))
+    # the same (seed, step, rank), the same draws
+    again = UniversalStream(TileReader(str(three), SPACES, 0.2), pairs, weights, crop=4, grid=8, batch=8, seed=0,
+                            rank=0, world=1, prefetch=False)
+    first = again.next(0)
+    again.close()
+    fresh = UniversalStream(TileReader(str(three), SPACES, 0.2), pairs, weights, crop=4, grid=8, batch=8, seed=0,
+                            rank=0, world=1, prefetch=False)
+    assert all(torch.equal(a.x, b.x) and (a.src, a.dst) == (b.src, b.dst) for a, b in zip(first, fresh.next(0)))
+    fresh.close()
+
+
+def test_eval_takes_a_pair_of_a_universal_run(uni_run, three, tmp_path):
+    from helpers import run
+
+    result = run("-m", "interposer", "eval", "--model", str(uni_run), "--data", str(three), "--src", "ca", "--dst",
+                 "xl", "--limit", "4", "--out", str(tmp_path / "eval.json"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = json.loads((tmp_path / "eval.json").read_text())
+    assert (table["src"], table["dst"]) == ("ca", "xl") and table["tiles"] == 4
+    result = run("-m", "interposer", "eval", "--model", str(uni_run), "--data", str(three), "--limit", "4")
+    assert result.returncode == 2
+    assert "is a universal interposer (ca, fx2, xl): name the pair to evaluate with --src and --dst" in result.stderr
+
+
+def test_publish_refuses_a_universal_run_in_one_line(uni_run, tmp_path):
+    from helpers import run
+
+    result = run("-m", "interposer", "publish", "--model", str(uni_run), "--repo", "me/uni", "--dry-run")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "is a universal interposer (ca, fx2, xl); publishing one is not supported yet" in result.stderr
