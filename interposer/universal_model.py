@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .model import _in_place, _SiLU
+from .shuffle_model import _stats
 
 
 def _ratio(factor: int, grid: int, code: str) -> tuple[int, bool]:
@@ -39,17 +40,6 @@ def _ratio(factor: int, grid: int, code: str) -> tuple[int, bool]:
     if big % small:
         raise ValueError(f"space {code!r}: factor {factor} and the working grid's {grid} must divide one another")
     return big // small, factor < grid
-
-
-def _stat(values, channels: int, name: str, default: float) -> torch.Tensor:
-    if values is None:
-        return torch.full((1, channels, 1, 1), default)
-    if len(values) != channels:
-        raise ValueError(f"{name} needs {channels} values (one per channel), got {len(values)}")
-    t = torch.tensor([float(v) for v in values]).view(1, channels, 1, 1)
-    if name.endswith("std") and not bool((t > 0).all()):
-        raise ValueError(f"{name} must be positive")
-    return t
 
 
 def _conv(ch_in: int, ch_out: int, size: int = 3) -> nn.Conv2d:
@@ -149,7 +139,7 @@ class UniversalInterposer(nn.Module):
             raise ValueError(f"space {code!r}: channels and factor must be positive integers, "
                              f"got {channels!r}, {factor!r}")
         k, finer = _ratio(factor, self.grid, code)
-        m, s = _stat(mean, channels, f"{code} mean", 0.0), _stat(std, channels, f"{code} std", 1.0)
+        m, s = _stats(mean, channels, f"{code} mean", 0.0), _stats(std, channels, f"{code} std", 1.0)
         self.inputs[code] = InputAdapter(channels, k, finer, self.ch_mid, m, s)
         self.outputs[code] = OutputAdapter(channels, k, finer, self.ch_mid, m.clone(), s.clone())
         self.embed[code] = nn.Parameter(torch.zeros(self.emb))
