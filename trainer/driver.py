@@ -33,6 +33,7 @@ from .checkpoint import load_final
 from .config import RESUMABLE, TrainConfig
 from .data import check_pair, check_spaces, crop_sides
 from .publish import EXPORT
+from .universal import STATS_TILES  # train tiles a normalising network's statistics are measured on
 
 RUN_RECORD = "interposer-run.json"
 
@@ -159,7 +160,6 @@ def _check_data(cfg: TrainConfig, data: str, manifest) -> bool:
     return found[True]
 
 
-STATS_TILES = 256  # train tiles the shuffle network's normalisation is measured on (the first, in dataset order)
 
 
 def train_stats(cfg: TrainConfig, data: str) -> dict | None:

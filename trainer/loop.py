@@ -214,7 +214,7 @@ class _UniversalTask:
         from .universal import PairsForward, pair_draws, universal_network
 
         cfg = self.cfg = job.cfg
-        self.device, self.world = device, world
+        self.device = device
         spaces = cfg.space_list()  # the driver filled it in
         self.pairs, weights = pair_draws(cfg, spaces)
         self.reader = TileReader(job.data, spaces, cfg.data.val_fraction)

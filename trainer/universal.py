@@ -26,7 +26,7 @@ from .config import TrainConfig
 from .data import PairBatch, TileReader
 from .step import Losses, validation_l1
 
-STATS_TILES = 256  # train tiles each space's normalisation is measured on (the first, in dataset order)
+STATS_TILES = 256  # train tiles a normalising network's statistics are measured on (the first, in dataset order)
 
 
 def run_spaces(cfg: TrainConfig, manifest) -> list[str]:
