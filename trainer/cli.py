@@ -4,6 +4,7 @@
     interposer train --data data/v1-xl --src v1 --dst xl --config v1-to-xl.yaml --out runs --name v1-xl
     interposer train ... --gpu --workers 8 --out s3://bucket/runs      # on a Ray cluster (RAY_ADDRESS)
     interposer train --data data/five --universal --out runs --name uni  # one network, every pair of the dataset
+    interposer train --data data/five-wan --universal --from runs/uni --add-space wan --out runs --name uni-wan
 
 Rerun the same command to resume from the latest checkpoint. A city96 v4 YAML file works as --config.
 """
@@ -25,6 +26,9 @@ def _add_train(sub) -> None:
     p.add_argument("--universal", action="store_true",
                    help="train one universal interposer for every ordered pair of the dataset's spaces (or "
                    "--spaces); the same as --arch universal")
+    p.add_argument("--from", dest="base", default=None, metavar="RUN",
+                   help="with --universal --add-space NEW: the universal run (or export folder) to extend; its "
+                   "network is frozen and only NEW's adapters and embedding train")
     p.add_argument("--out", required=True, help="runs folder or URI (s3://...); the run lives in OUT/NAME")
     p.add_argument("--name", required=True, help="run name: rerun with the same name to resume")
     p.add_argument("--config", default=None, help="YAML config (ours, or a city96 v4 file)")
@@ -37,6 +41,8 @@ def _add_train(sub) -> None:
 
 
 def _cmd_train(args) -> int:
+    from pathlib import Path
+
     from interposer.pipeline.schema import read_manifest, register_manifest_spaces
 
     from .config import load_config, train_flags_given
@@ -49,6 +55,8 @@ def _cmd_train(args) -> int:
             raise ValueError(f"--universal and --arch {flags['arch']} ask for different networks; give one")
         flags["arch"] = "universal"
     universal = flags.get("arch") == "universal"
+    if args.base is not None:
+        flags["base"] = str(Path(args.base).expanduser().absolute()) if "://" not in args.base else args.base
     if universal and (args.src or args.dst):
         raise ValueError("a universal run trains every pair of its spaces: give --spaces A,B,... instead of "
                          "--src/--dst")

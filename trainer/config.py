@@ -52,6 +52,10 @@ class UniversalConfig:
                                 "'sana->fx2=3,fx2->sana=2' (default: every pair 1)", metavar="A->B=W,...")
     grid: int = setting(8, "universal: pixels per working-grid pixel (the trunk's resolution)", at_least(1))
     emb: int = setting(64, "universal: size of each space's embedding, which modulates the trunk", at_least(1))
+    add_space: str = setting("", "universal: train only this new space's adapters and embedding, the rest of "
+                             "--from's network frozen (every other pair stays bit-identical)", metavar="CODE")
+    base: str = setting("", "universal --add-space: the universal run or export folder to start from (the "
+                        "command line's --from)", flag=False)
 
 
 @dataclass
@@ -189,7 +193,8 @@ class TrainConfig:
             return
         for f in dataclasses.fields(UniversalConfig):
             if getattr(self.universal, f.name) != f.default:
-                raise ValueError(f"{flag_name(f.name)} applies to a universal run (--universal)")
+                raise ValueError(f"{'--from' if f.name == 'base' else flag_name(f.name)} applies to a universal run "
+                                 "(--universal)")
         self.src, self.dst = get_space(self.src).code, get_space(self.dst).code
         if self.src == self.dst:
             raise ValueError(f"src and dst are both {self.src}: nothing to train")
@@ -219,6 +224,12 @@ class TrainConfig:
                              f"{', '.join(n + '_loss_weight' for n in others)} to 0")
         if self.data.batch % self.resources.workers:
             raise ValueError(f"batch {self.data.batch} must divide evenly over {self.resources.workers} workers")
+        u = self.universal
+        if bool(u.add_space) != bool(u.base):
+            raise ValueError("--add-space NEW and --from RUN go together: the new space's adapters are trained "
+                             "onto RUN's universal network")
+        if u.add_space:
+            u.add_space = get_space(u.add_space).code
         spaces = self.space_list()
         if self.universal.spaces and len(spaces) < 2:
             raise ValueError(f"--spaces {self.universal.spaces!r}: a universal run needs at least two spaces")

@@ -51,10 +51,13 @@ def pair_fingerprint(manifest, src: str, dst: str) -> str:
     return "sha256:" + hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
 
-def spaces_fingerprint(manifest, spaces: list[str]) -> str:
-    """What a universal run's latents depend on: tiling, sources and every space's VAE."""
+def spaces_fingerprint(manifest, spaces: list[str], base: str | None = None) -> str:
+    """What a universal run depends on: tiling, sources and every space's VAE (and with --add-space the sha256
+    of the --from network's weights)."""
     ident = dict(manifest.identity(), tiles=manifest.counts,
                  spaces=[(c, manifest.spaces[c].fingerprint, manifest.spaces[c].dtype) for c in spaces])
+    if base:
+        ident["base"] = base
     return "sha256:" + hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
 
@@ -200,11 +203,16 @@ def train(cfg: TrainConfig, spec: RunSpec) -> Path | str:
     if cfg.is_universal:
         from .universal import pair_draws, run_spaces
 
-        spaces = run_spaces(cfg, manifest)
+        base = None
+        if cfg.universal.add_space:
+            base, base_sha = load_base(cfg.universal.base)
+            cfg, spaces = add_space_config(cfg, base, manifest, spec.data)
+        else:
+            spaces = run_spaces(cfg, manifest)
         cfg = dataclasses.replace(cfg, universal=dataclasses.replace(cfg.universal, spaces=",".join(spaces)))
         check_spaces(manifest, spec.data, spaces)
         pair_draws(cfg, spaces)  # --pair-weights' mistakes, before Ray starts
-        fingerprint = spaces_fingerprint(manifest, spaces)
+        fingerprint = spaces_fingerprint(manifest, spaces, base_sha if base else None)
     else:
         check_pair(manifest, spec.data, cfg.src, cfg.dst)
         fingerprint = pair_fingerprint(manifest, cfg.src, cfg.dst)
@@ -212,6 +220,10 @@ def train(cfg: TrainConfig, spec: RunSpec) -> Path | str:
     if cfg.loss.decoded_loss_weight:
         _check_decoder(cfg, spec, manifest)
     stats = train_stats(cfg, spec.data)
+    if cfg.is_universal and cfg.universal.add_space:
+        stats = {cfg.universal.add_space: stats[cfg.universal.add_space]}  # the others come with the base
+    else:
+        base = None
     record = _check_resume(cfg, spec, fingerprint)
     store = _store(spec)
     export = f"{_run_dir(spec)}/{EXPORT}"
@@ -224,7 +236,10 @@ def train(cfg: TrainConfig, spec: RunSpec) -> Path | str:
         store.write_bytes(RUN_RECORD, json.dumps(record, indent=2).encode())
 
     write_record(None)
-    what = (f"universal over {cfg.universal.spaces} ({len(cfg.space_list()) * (len(cfg.space_list()) - 1)} pairs)"
+    what = (f"space {cfg.universal.add_space} added to {cfg.universal.base} (its {len(pair_draws(cfg, cfg.space_list())[0])} "
+            f"pairs with {', '.join(c for c in cfg.space_list() if c != cfg.universal.add_space)}; the rest frozen)"
+            if cfg.is_universal and cfg.universal.add_space else
+            f"universal over {cfg.universal.spaces} ({len(cfg.space_list()) * (len(cfg.space_list()) - 1)} pairs)"
             if cfg.is_universal else f"{cfg.src} -> {cfg.dst}")
     print(f"[train] {what} on {spec.data}: {cfg.schedule.steps} steps, batch {cfg.data.batch} of "
           f"{cfg.data.crop}px crops, {cfg.resources.workers} worker(s){' on GPU' if cfg.resources.gpu else ''}; "
@@ -256,7 +271,7 @@ def train(cfg: TrainConfig, spec: RunSpec) -> Path | str:
             train_loop_per_worker,
             train_loop_config=dict(job=WorkerJob(
                 cfg, spec.data, fingerprint, threads=cpus, trust_remote_code=spec.trust_remote_code, stats=stats,
-                has_val=has_val, started_at=begun,
+                has_val=has_val, started_at=begun, base=base,
                 tensorboard=f"{_run_dir(spec)}/tensorboard" if _local(spec.out) else None)),
             scaling_config=ScalingConfig(num_workers=cfg.resources.workers, use_gpu=cfg.resources.gpu,
                                          resources_per_worker=request),
@@ -272,7 +287,7 @@ def train(cfg: TrainConfig, spec: RunSpec) -> Path | str:
         if result.checkpoint is None:
             raise RuntimeError(f"run {spec.name} ended without a checkpoint")
         with result.checkpoint.as_directory() as folder:
-            primary, step = load_final(folder, cfg, _universal(cfg, stats) if cfg.is_universal else None)
+            primary, step = load_final(folder, cfg, _universal(cfg, stats, base) if cfg.is_universal else None)
             _export(primary, cfg, spec)
         write_record(step)
         resumed = int((result.metrics or {}).get("resumed_from", 0))
@@ -284,10 +299,61 @@ def train(cfg: TrainConfig, spec: RunSpec) -> Path | str:
             ray.shutdown()
 
 
-def _universal(cfg: TrainConfig, stats: dict):
+def _universal(cfg: TrainConfig, stats: dict, base: dict | None):
     from .universal import universal_network
 
-    return universal_network(cfg, cfg.space_list(), stats)
+    return universal_network(cfg, cfg.space_list(), stats, base)
+
+
+def load_base(folder: str) -> tuple[dict, str]:
+    """--from: a universal run or export folder, as ({"args", "state"} of its network, sha256 of its weights)."""
+    from interposer import load_interposer
+    from interposer.universal_model import UniversalInterposer
+    from interposer.weights import WEIGHTS_NAME
+
+    from .publish import find_export
+
+    if "://" in folder:
+        raise ValueError(f"--from {folder}: give a local run or export folder (copy it from object storage first)")
+    try:
+        export, _ = find_export(folder)
+    except FileNotFoundError:
+        raise ValueError(f"--from {folder}: neither a run folder (with {EXPORT}/) nor a model folder "
+                         "(config.json + model.safetensors)") from None
+    net = load_interposer(str(export))
+    if not isinstance(net, UniversalInterposer):
+        raise ValueError(f"--from {folder}: a {net.src} -> {net.dst} network; --add-space extends a universal "
+                         "interposer (one trained with --universal)")
+    sha = hashlib.sha256((export / WEIGHTS_NAME).read_bytes()).hexdigest()
+    return dict(args=net.args(), state={k: v.clone() for k, v in net.state_dict().items()}), "sha256:" + sha
+
+
+def add_space_config(cfg: TrainConfig, base: dict, manifest, data: str) -> tuple[TrainConfig, list[str]]:
+    """--add-space NEW: (cfg with the --from network's sizes, the run's spaces: NEW then every space of the
+    dataset (or --spaces) the base network knows); refuses a NEW the base has, or a dataset without NEW or
+    without a known space."""
+    new, known = cfg.universal.add_space, list(base["args"]["adapters"])
+    if new in known:
+        raise ValueError(f"--add-space {new}: {cfg.universal.base} already converts {new} (its spaces: "
+                         f"{', '.join(known)}); add a space it does not have")
+    if new not in manifest.spaces:
+        raise ValueError(f"--add-space {new}: --data {data} has no {new} latents (it has {', '.join(manifest.spaces)}); "
+                         f"add them with `interposer data add-space --data {data} --space {new}`")
+    given = cfg.space_list()
+    if given and new not in given:
+        raise ValueError(f"--spaces {cfg.universal.spaces}: leave out --spaces or name {new} in it")
+    unknown = [c for c in given if c != new and c not in known]
+    if unknown:
+        raise ValueError(f"--spaces names {', '.join(unknown)}, not a space of {cfg.universal.base} "
+                         f"({', '.join(known)}); the base network's spaces are frozen, not trained")
+    others = [c for c in (given or manifest.spaces) if c != new and c in known]
+    if not others:
+        raise ValueError(f"--data {data} holds none of the spaces {cfg.universal.base} knows ({', '.join(known)}): "
+                         f"a new space learns from pairs with a known one; build the dataset with one of them too")
+    a = base["args"]
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, ch_mid=a["ch_mid"], blocks=a["blocks"]),
+                              universal=dataclasses.replace(cfg.universal, grid=a["grid"], emb=a["emb"]))
+    return cfg, [new, *others]
 
 
 def _export(primary, cfg: TrainConfig, spec: RunSpec) -> None:

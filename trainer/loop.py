@@ -169,6 +169,7 @@ class WorkerJob:
     has_val: bool = True  # whether the validation split holds an image (decided once, by the driver)
     started_at: float | None = None  # the command's start (time.time()): each rank reports its time to a first step
     tensorboard: str | None = None  # rank 0's TensorBoard folder; None: none (runs in object storage)
+    base: dict | None = None  # universal --add-space: the --from network's constructor args and state dict
 
 
 class _PairTask:
@@ -220,7 +221,7 @@ class _UniversalTask:
         self.reader = TileReader(job.data, spaces, cfg.data.val_fraction)
         self.stream = UniversalStream(self.reader, self.pairs, weights, cfg.data.crop, cfg.universal.grid,
                                       cfg.data.batch, cfg.seed, rank, world)
-        self.net = universal_network(cfg, spaces, job.stats or {})
+        self.net = universal_network(cfg, spaces, job.stats or {}, job.base)
         self.model = PairsForward(self.net)
         self.optims = {"primary": build_optim(cfg, self.net)}
 

@@ -35,8 +35,10 @@ def run_spaces(cfg: TrainConfig, manifest) -> list[str]:
 
 
 def pair_draws(cfg: TrainConfig, spaces: list[str]) -> tuple[list[tuple[str, str]], list[float]]:
-    """(every ordered pair of `spaces`, its draw weight); a --pair-weights pair outside them is refused."""
-    pairs = [(a, b) for a in spaces for b in spaces if a != b]
+    """(every ordered pair of `spaces` (with --add-space: those with the new space), its draw weight); a
+    --pair-weights pair outside them is refused."""
+    new = cfg.universal.add_space
+    pairs = [(a, b) for a in spaces for b in spaces if a != b and (not new or new in (a, b))]
     named = cfg.pair_weight_map()
     unknown = [f"{a}->{b}" for a, b in named if (a, b) not in pairs]
     if unknown:
@@ -58,8 +60,22 @@ def universal_stats(reader: TileReader, cfg: TrainConfig) -> dict[str, dict]:
     return out
 
 
-def universal_network(cfg: TrainConfig, spaces: list[str], stats: dict[str, dict]) -> UniversalInterposer:
-    """The configured universal network over `spaces`, initialised from cfg.seed."""
+def universal_network(cfg: TrainConfig, spaces: list[str], stats: dict[str, dict],
+                      base: dict | None = None) -> UniversalInterposer:
+    """The configured universal network over `spaces`, initialised from cfg.seed. With `base` (--add-space: the
+    --from network's `args` and `state`): that network plus the new space's adapters and embedding, initialised
+    from cfg.seed, the only parameters that train (everything else has requires_grad off)."""
+    if base is not None:
+        new = cfg.universal.add_space
+        net = UniversalInterposer(**base["args"])
+        net.load_state_dict(base["state"])
+        space = get_space(new)
+        net.add_space(new, channels=space.channels, factor=space.factor, **stats.get(new, {}))
+        net.init_space(new, torch.Generator().manual_seed(cfg.seed))
+        net.requires_grad_(False)
+        for p in net.space_parameters(new):
+            p.requires_grad_(True)
+        return net
     adapters = {c: dict(channels=get_space(c).channels, factor=get_space(c).factor, **stats.get(c, {}))
                 for c in spaces}
     net = UniversalInterposer(adapters, ch_mid=cfg.model.ch_mid, blocks=cfg.model.blocks, grid=cfg.universal.grid,

@@ -29,7 +29,7 @@ def _other_value(f, kind):
     if typing.get_origin(kind) is typing.Literal:  # (a universal arch is tested with its own settings)
         return next(v for v in reversed(typing.get_args(kind)) if v not in (f.default, "universal"))
     if kind is str:
-        return {"spaces": "xl,v1", "pair_weights": "xl->v1=2"}[f.name]
+        return {"spaces": "xl,v1", "pair_weights": "xl->v1=2", "add_space": "fx"}[f.name]
     if kind is int:
         return 7 if f.default is None else (f.default * 2 or 1)
     return 0.25
@@ -58,7 +58,7 @@ def test_every_train_setting_has_a_flag_that_sets_it():
     assert train_flags_given(parser.parse_args([])) == {}  # not given: the file's value or the default stands
     # a universal run's own settings, with the universal network
     argv, expected = _argv([UniversalConfig])
-    cfg = TrainConfig.of(**train_flags_given(parser.parse_args(argv + ["--arch", "universal"])))
+    cfg = TrainConfig.of(**train_flags_given(parser.parse_args(argv + ["--arch", "universal"])), base="runs/uni")
     assert {k: cfg.flat()[k] for k in expected} == expected and cfg.is_universal
     with pytest.raises(ValueError, match=r"^--spaces applies to a universal run \(--universal\)$"):
         TrainConfig.of(**train_flags_given(parser.parse_args(["--spaces", "xl,v1"])))

@@ -81,7 +81,7 @@ def test_grouped_and_flat_keys_are_one_setting():
 
 
 def test_unknown_keys_and_bad_values_are_refused(tmp_path):
-    with pytest.raises(ValueError, match="unknown key\\(s\\) optim.momentum, stepz; known: arch, b_loss_weight"):
+    with pytest.raises(ValueError, match="unknown key\\(s\\) optim.momentum, stepz; known: add_space, arch, b_loss_weight"):
         config_from_dict({"stepz": 1, "optim": {"momentum": 0.9}})
     with pytest.raises(ValueError, match="batch 10 must divide evenly over 3 workers"):
         TrainConfig.of(batch=10, workers=3)

@@ -165,3 +165,81 @@ def test_publish_refuses_a_universal_run_in_one_line(uni_run, tmp_path):
     result = run("-m", "interposer", "publish", "--model", str(uni_run), "--repo", "me/uni", "--dry-run")
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert "is a universal interposer (ca, fx2, xl); publishing one is not supported yet" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def with_wan(three, vaes, tmp_path_factory):
+    """The three-space dataset plus wan latents of the same tiles (`data add-space`): a new space and known ones."""
+    import shutil
+
+    from interposer.pipeline.build import AddSpaceConfig, add_space
+
+    out = tmp_path_factory.mktemp("universal-wan") / "four"
+    shutil.copytree(three, out)
+    add_space(AddSpaceConfig(data=str(out), space=f"wan={vaes['wan']}", quiet=True))
+    return out
+
+
+ADD = UNI | dict(add_space="wan", steps=20, fconst=10, eval_every=10, log_every=10)
+
+
+def test_add_space_trains_only_the_new_adapters_and_leaves_every_other_pair_bit_identical(uni_run, with_wan, tmp_path,
+                                                                                         capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    runs = tmp_path / "runs"
+    train(TrainConfig.of(**ADD, base=str(uni_run)), RunSpec(str(with_wan), str(runs), "wan"))
+    out = capsys.readouterr().out
+    assert "space wan added to" in out and "its 6 pairs with ca, fx2, xl; the rest frozen" in out, out
+    base, net = load_interposer(str(uni_run / "export")), load_interposer(str(runs / "wan" / "export"))
+    assert list(net.spaces) == ["ca", "fx2", "xl", "wan"]
+    old, new = base.state_dict(), net.state_dict()
+    trained = {k for k in new if k not in old}
+    assert all(torch.equal(old[k], new[k]) for k in old)  # trunk and the old spaces' adapters frozen
+    assert trained == {n for n in new if n.startswith(("inputs.wan.", "outputs.wan.", "embed.wan"))}
+    share = sum(p.numel() for p in net.space_parameters("wan")) / sum(p.numel() for p in net.parameters())
+    assert 0 < share < 1
+    sides = {"ca": (4, 16), "fx2": (32, 8), "xl": (4, 8), "wan": (16, 8)}  # channels, side at 64 px
+    x = {c: torch.randn(2, ch, s, s, generator=torch.Generator().manual_seed(i)) for i, (c, (ch, s)) in
+         enumerate(sides.items())}
+    with torch.no_grad():
+        for a, b in base.pairs():
+            assert torch.equal(net(x[a], a, b), base(x[a], a, b)), f"{a}->{b} changed"
+        for c in ("ca", "fx2", "xl"):
+            assert net(x["wan"], "wan", c).shape == (2, *((sides[c][0],) + (sides[c][1],) * 2))
+            assert net(x[c], c, "wan").isfinite().all()
+    board = EventAccumulator(str(runs / "wan" / "tensorboard"))
+    board.Reload()
+    tags = {t for t in board.Tags()["scalars"] if t.startswith("val_l1/")}
+    assert tags == {f"val_l1/{a}->{b}" for a, b in net.pairs() if "wan" in (a, b)}
+    # the new space's weights moved from their start (the network the run began with, built as a rank builds it)
+    from interposer.trainer.driver import load_base
+    from interposer.trainer.universal import universal_network
+
+    cfg = TrainConfig.of(**ADD, base=str(uni_run), spaces="wan,ca,fx2,xl")
+    start = dict(universal_network(cfg, ["wan", "ca", "fx2", "xl"], {}, load_base(str(uni_run))[0]).named_parameters())
+    assert all(not torch.equal(p, start[n]) for n, p in net.named_parameters() if n in trained), "nothing trained"
+    record = json.loads((runs / "wan" / "interposer-run.json").read_text())
+    assert record["config"]["universal"]["spaces"] == "wan,ca,fx2,xl" and record["finished"] == 20
+
+    train(TrainConfig.of(**ADD, base=str(uni_run)), RunSpec(str(with_wan), str(runs), "wan"))
+    assert "already finished at step 20; nothing to do" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--universal", "--add-space", "wan"], "--add-space NEW and --from RUN go together"),
+    (["--from", "UNI", "--src", "xl", "--dst", "ca"], "--from applies to a universal run (--universal)"),
+    (["--universal", "--from", "UNI", "--add-space", "xl"], "--add-space xl: UNI already converts xl"),
+    (["--universal", "--from", "UNI", "--add-space", "v1"], "has no v1 latents (it has ca, fx2, wan, xl)"),
+    (["--universal", "--from", "UNI", "--add-space", "wan", "--spaces", "wan,v3"], "--spaces names v3, not a space of"),
+    (["--universal", "--from", "NOWHERE", "--add-space", "wan"], "neither a run folder (with export/) nor a model"),
+])  # fmt: skip
+def test_add_space_mistakes_exit_2_and_write_nothing(argv, message, uni_run, with_wan, tmp_path):
+    from helpers import run
+
+    fill = {"UNI": str(uni_run), "NOWHERE": str(tmp_path / "nowhere")}
+    result = run("-m", "interposer", "train", "--data", str(with_wan), "--out", str(tmp_path / "runs"), "--name", "bad",
+                 *[fill.get(a, a) for a in argv])
+    assert result.returncode == 2, result.stderr
+    assert message.replace("UNI", str(uni_run)) in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert not (tmp_path / "runs" / "bad").exists()
