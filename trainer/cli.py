@@ -82,8 +82,10 @@ def _add_eval(sub) -> None:
                    help="share of images in val (default: the run's own, from the export's config.json; else 0.02)")
     p.add_argument("--limit", type=int, default=64, help="tiles at most (default 64; 0: all)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--src", default=None, help="source space, for a bare released-layout file")
-    p.add_argument("--dst", default=None, help="target space, for a bare released-layout file")
+    p.add_argument("--src", default=None, help="source space, for a bare released-layout file, or one pair of a "
+                   "universal model (without: every pair the dataset holds, one table)")
+    p.add_argument("--dst", default=None, help="target space, for a bare released-layout file or a universal "
+                   "model's pair")
     p.add_argument("--vae", action="append", default=[], metavar="CODE=SOURCE",
                    help="use another VAE for a space than the dataset's manifest names (repeatable)")
     p.add_argument("--out", default=None, help="where to write eval.json and eval.png (default: beside the model)")
@@ -110,7 +112,7 @@ def _eval(args, model, remote) -> None:
 
     from interposer.spaces import get_space
 
-    from .evaluate import evaluate, format_table
+    from .evaluate import evaluate, evaluate_universal, format_pairs_table, format_table
     from .publish import EVAL_FILE, find_export
 
     from interposer.cli import check_device
@@ -123,6 +125,8 @@ def _eval(args, model, remote) -> None:
     root = model
     if model.is_dir():
         model, _ = find_export(model)
+        if (args.src is None) != (args.dst is None):
+            raise ValueError("give both --src and --dst (one pair), or neither")
     elif (args.src is None) != (args.dst is None) or (model.is_file() and args.src is None):
         raise ValueError("--model is a bare weights file: give both --src and --dst")
     vaes = {}
@@ -146,11 +150,14 @@ def _eval(args, model, remote) -> None:
     if args.split != "val" and trained_on and _same_place(trained_on, args.data):
         print(f"note: --split {args.split} on the dataset the model was trained on: its training images are "
               "evaluated too, so the figures are optimistic")
-    result = evaluate(str(model), args.data, split=args.split, limit=args.limit or None, device=args.device,
-                      val_fraction=val_fraction, src=args.src, dst=args.dst, vaes=vaes,
-                      trust_remote_code=args.trust_remote_code, grid=out.with_suffix(".png"),
-                      linear_data=args.linear_data)
-    print(format_table(result))
+    common = dict(split=args.split, limit=args.limit or None, device=args.device, val_fraction=val_fraction,
+                  vaes=vaes, trust_remote_code=args.trust_remote_code, linear_data=args.linear_data)
+    if exported.get("architecture") == "interposer-universal" and args.src is None:  # every pair, one table
+        result = evaluate_universal(str(model), args.data, **common)
+        print(format_pairs_table(result))
+    else:
+        result = evaluate(str(model), args.data, src=args.src, dst=args.dst, grid=out.with_suffix(".png"), **common)
+        print(format_table(result))
     out.write_text(json.dumps(result, indent=2) + "\n")
     written = [out] + ([out.with_suffix(".png")] if result.get("grid") else [])
     if remote is not None and not args.out:  # beside the model in the bucket, where publish looks

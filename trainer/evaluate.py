@@ -80,7 +80,7 @@ def evaluate(model: str, data: str, split: str = "val", limit: int | None = 64, 
              val_fraction: float = 0.02, src: str | None = None, dst: str | None = None,
              vaes: dict[str, str] | None = None, fit_tiles: int = 256, batch: int = 8,
              trust_remote_code: bool = False, grid: str | Path | None = None, grid_tiles: int = 4,
-             linear_data: str | None = None) -> dict:
+             linear_data: str | None = None, vae_cache: dict | None = None) -> dict:
     """The eval table (and, with `grid`, a PNG of a few tiles: original | target VAE | round trip | interposer |
     linear, decoded by the target VAE). Encoder-only VAEs: the round trip needs the source's decoder and every
     pixel metric the target's; what cannot be computed is left out and said once in `notes`."""
@@ -115,8 +115,11 @@ def evaluate(model: str, data: str, split: str = "val", limit: int | None = 64, 
     if not d.decoder:
         notes.append(f"no pixel metrics or picture: the {dst} VAE has no decoder (latent metrics only)")
 
-    def vae(code):
-        return _load_vae(manifest, code, (vaes or {}).get(code), dev, trust_remote_code)
+    def vae(code):  # loaded once per space across pairs when the caller keeps a vae_cache
+        cache = {} if vae_cache is None else vae_cache
+        if code not in cache:
+            cache[code] = _load_vae(manifest, code, (vaes or {}).get(code), dev, trust_remote_code)
+        return cache[code]
 
     src_vae = vae(src) if s.decoder else None
     dst_vae = vae(dst)
@@ -143,6 +146,64 @@ def evaluate(model: str, data: str, split: str = "val", limit: int | None = 64, 
         write_grid(measured.pictures, grid, f"{src} -> {dst}")
         result["grid"] = Path(grid).name
     return result
+
+
+def evaluate_universal(model: str, data: str, **kwargs) -> dict:
+    """Every pair of a universal model that `data` holds, each evaluated as `evaluate` does one (the same split
+    and tiles, each VAE loaded once): {"pairs": [a pair's result, ...], "rows": a row per pair, ...}. A pair
+    neither of whose VAEs decodes is left out and said in `notes`."""
+    from interposer.pipeline.schema import read_manifest, register_manifest_spaces
+
+    net = load_interposer(str(model))
+    manifest = register_manifest_spaces(read_manifest(data))
+    pairs = [(a, b) for a, b in net.pairs() if a in manifest.spaces and b in manifest.spaces]
+    if not pairs:
+        raise ValueError(f"--data {data} holds no pair of {model}'s spaces ({', '.join(net.spaces)}); it has "
+                         f"{', '.join(manifest.spaces)}")
+    notes = [f"{a} -> {b} left out: neither VAE has a decoder" for a, b in pairs
+             if not get_space(a).decoder and not get_space(b).decoder]
+    missing = [c for c in net.spaces if c not in manifest.spaces]
+    if missing:
+        notes.append(f"pairs with {', '.join(missing)} left out: {data} has no such latents")
+    cache: dict = {}
+    results = [evaluate(model, data, src=a, dst=b, vae_cache=cache, **kwargs) for a, b in pairs
+               if get_space(a).decoder or get_space(b).decoder]
+    first = results[0] if results else {}
+    return dict(model=str(model), data=data, universal=True, spaces=list(net.spaces), split=first.get("split"),
+                tiles=first.get("tiles"), tile_size=manifest.tile_size, device=first.get("device"),
+                rows=[pair_row(r) for r in results], pairs=results, notes=notes)
+
+
+def pair_row(result: dict) -> dict:
+    """One pair's evaluation as a row of the universal table: the interposer against the round trip and the
+    linear map (None where a method did not run)."""
+    by = {r["method"]: r for r in result["rows"]}
+    get = lambda m, k: by[m][k] if m in by else None  # noqa: E731
+    trip = get("round trip", "latent_l1")
+    return dict(pair=f"{result['src']}->{result['dst']}", latent_l1=get("interposer", "latent_l1"),
+                round_trip_l1=trip, linear_l1=get("linear", "latent_l1"),
+                vs_round_trip=get("interposer", "latent_l1") / trip if trip else None,
+                psnr_tile=get("interposer", "psnr_tile"), linear_psnr_tile=get("linear", "psnr_tile"),
+                delta_e=get("interposer", "delta_e"), ms_per_latent=get("interposer", "ms_per_latent"))
+
+
+PAIR_COLUMNS = [("pair", "pair", ""), ("latent L1", "latent_l1", ".4f"), ("round trip L1", "round_trip_l1", ".4f"),
+                ("linear L1", "linear_l1", ".4f"), ("× round trip", "vs_round_trip", ".2f"),
+                ("PSNR tile (dB)", "psnr_tile", ".2f"), ("linear PSNR", "linear_psnr_tile", ".2f"),
+                ("ΔE", "delta_e", ".2f"), ("ms / latent", "ms_per_latent", ".2f")]
+
+
+def format_pairs_table(result: dict) -> str:
+    """The universal table as text: a row per pair."""
+    widths = [max(len(name), 9) for name, _, _ in PAIR_COLUMNS]
+    cell = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    lines = [f"universal model ({', '.join(result['spaces'])}): {len(result['rows'])} pairs, {result['tiles']} "
+             f"{result['split']} tiles of {result['tile_size']} px each, on {result['device']}",
+             *[f"note: {n}" for n in result.get("notes", [])],
+             " ".join(f"{name:>{w}}" for (name, _, _), w in zip(PAIR_COLUMNS, widths))]
+    for r in result["rows"]:
+        lines.append(" ".join(f"{cell(r[k], f):>{w}}" for (_, k, f), w in zip(PAIR_COLUMNS, widths)))
+    return "\n".join(lines)
 
 
 def _load_vae(manifest, code: str, given: str | None, dev: torch.device, trust_remote_code: bool):

@@ -115,6 +115,99 @@ def public_config(config: dict, manifest: dict | None) -> dict:
     return out
 
 
+def _training_text(run_record: dict | None) -> str:
+    if not run_record:
+        return "_Not recorded._"
+    return "```json\n" + json.dumps(run_record.get("config", {}), indent=2, sort_keys=True) + "\n```"
+
+
+def _dataset_text(manifest: dict | None) -> str:
+    if not manifest:
+        return "_Not recorded._"
+    spaces = "\n".join(f"- `{k}`: {v['vae_class']} `{_public_source(v['vae'], v.get('fingerprint'))}`"
+                       + (f" ({v['subfolder']})" if v.get("subfolder") else "")
+                       + f", {v['dtype']}, weights `{v['fingerprint']}`" for k, v in manifest["spaces"].items())
+    c = manifest.get("counts", {})
+    return (f"{c.get('tiles', '?')} tiles of {manifest['tile_size']} px from {c.get('images_ok', '?')} images; "
+            f"spaces:\n{spaces}")
+
+
+def _pairs_table(evaluation: dict) -> str:
+    """A universal model's evaluation, a row per pair; a one-pair evaluation says which pair it is."""
+    from .evaluate import PAIR_COLUMNS
+
+    if not evaluation.get("universal"):
+        if not evaluation.get("rows"):
+            return "_Not evaluated._"
+        return f"One pair evaluated, {evaluation['src']} → {evaluation['dst']}:\n\n" + _eval_table(evaluation)
+    lines = ["| " + " | ".join(c[0] for c in PAIR_COLUMNS) + " |", "|---" * len(PAIR_COLUMNS) + "|"]
+    for r in evaluation["rows"]:
+        lines.append("| " + " | ".join(r[k] if not f else "–" if r[k] is None else format(r[k], f)
+                                       for _, k, f in PAIR_COLUMNS) + " |")
+    notes = "".join(f"\n\n{n}." for n in evaluation.get("notes", []))
+    return "\n".join(lines) + (f"\n\nEach pair on the same {evaluation['tiles']} {evaluation['split']} tiles of "
+                               f"{evaluation['tile_size']} px, device {evaluation['device']}.") + notes
+
+
+def universal_card(config: dict, repo: str, evaluation: dict | None, run_record: dict | None,
+                   manifest: dict | None) -> str:
+    """README.md for the Hub of a universal model: its spaces, every pair, usage, the per-pair table."""
+    spaces = list(config["adapters"])
+    tags = ["latent-interposer", "diffusion", "vae", "universal", *[f"latent-space-{c}" for c in spaces]]
+    meta = "\n".join(["---", "license: apache-2.0", "library_name: latent-interposer", "tags:",
+                      *[f"- {t}" for t in tags], "---"])
+    rows = "\n".join(f"| `{c}` | {get_space(c).family} | {get_space(c).channels} | /{get_space(c).factor} |"
+                     for c in spaces)
+    pairs = ", ".join(f"{a} → {b}" for a, b in ((p.split("->")) for p in config["pairs"]))
+    a, b = spaces[0], spaces[1]
+    args = config
+    return f"""{meta}
+
+# Universal latent interposer ({", ".join(spaces)})
+
+One network converts **raw** VAE latents between every ordered pair of {len(spaces)} latent spaces
+({len(config["pairs"])} pairs) without decoding to pixels: a per-space input and output adapter around a shared
+trunk ({args["ch_mid"]} wide, {args["blocks"]} blocks, on a /{args["grid"]} working grid) conditioned on the target
+space.
+
+| space | family | channels | factor |
+|---|---|---|---|
+{rows}
+
+Pairs: {pairs}.
+
+## Use
+
+```python
+from interposer import convert, load_interposer
+model = load_interposer("{repo}")                      # the whole network: model(x, src, dst), model.pairs()
+latents_{b} = convert(latents_{a}, "{a}", "{b}", weights=model.source)   # raw VAE latents, any pair above
+```
+
+```sh
+pip install latent-interposer
+hf download {repo} --local-dir THIS_REPO_FOLDER
+interposer convert in.latent out.latent --src {a} --dst {b} --weights THIS_REPO_FOLDER
+```
+
+ComfyUI: put this repository's `model.safetensors` and `config.json` into a folder
+`ComfyUI/models/interposers/{repo.split("/")[1]}/` and use the **Latent Interposer** node (category `latent`):
+its lists offer these spaces.
+
+## Evaluation
+
+{_pairs_table(evaluation or {})}
+
+## Training
+
+{_training_text(run_record)}
+
+## Dataset
+
+{_dataset_text(manifest)}
+"""
+
+
 def model_card(config: dict, repo: str, rev: str, evaluation: dict | None, run_record: dict | None,
                manifest: dict | None) -> str:
     """README.md for the Hub: YAML metadata, what it converts, usage, eval table, training, dataset."""
@@ -123,17 +216,7 @@ def model_card(config: dict, repo: str, rev: str, evaluation: dict | None, run_r
     tags = ["latent-interposer", "diffusion", "vae", f"latent-space-{src}", f"latent-space-{dst}"]
     meta = "\n".join(["---", "license: apache-2.0", "library_name: latent-interposer", "tags:",
                       *[f"- {t}" for t in tags], "---"])
-    training = "_Not recorded._"
-    if run_record:
-        training = "```json\n" + json.dumps(run_record.get("config", {}), indent=2, sort_keys=True) + "\n```"
-    dataset = "_Not recorded._"
-    if manifest:
-        spaces = "\n".join(f"- `{k}`: {v['vae_class']} `{_public_source(v['vae'], v.get('fingerprint'))}`"
-                           + (f" ({v['subfolder']})" if v.get("subfolder") else "")
-                           + f", {v['dtype']}, weights `{v['fingerprint']}`" for k, v in manifest["spaces"].items())
-        c = manifest.get("counts", {})
-        dataset = (f"{c.get('tiles', '?')} tiles of {manifest['tile_size']} px from {c.get('images_ok', '?')} images; "
-                   f"spaces:\n{spaces}")
+    training, dataset = _training_text(run_record), _dataset_text(manifest)
     released = f"{src}-to-{dst}_interposer-{rev}.safetensors"
     v4 = config.get("architecture", "interposer-v4") == "interposer-v4" and (config["ch_mid"], config["blocks"]) == (64, 12)
     command = (f"interposer convert in.latent out.latent --src {src} --dst {dst} --weights {rev}/{released}" if v4
@@ -219,9 +302,7 @@ def _stage(model: Path, repo: str, rev: str, folder: Path) -> list[Path]:
     export, run = find_export(model)
     config = json.loads((export / "config.json").read_text())
     net = load_interposer(str(export))  # also checks the weights load
-    if getattr(net, "src", None) is None:
-        raise ValueError(f"{export} is a universal interposer ({', '.join(net.spaces)}); publishing one is not "
-                         "supported yet: publish a pairwise run")
+    universal = getattr(net, "src", None) is None
     folder.mkdir(parents=True, exist_ok=True)
     record_file = run / "interposer-run.json" if run else None
     record = json.loads(record_file.read_text()) if record_file and record_file.is_file() else None
@@ -231,7 +312,7 @@ def _stage(model: Path, repo: str, rev: str, folder: Path) -> list[Path]:
         manifest = json.loads(DatasetFiles(data).read_bytes("manifest.json"))
     shutil.copy(export / "model.safetensors", folder / "model.safetensors")
     (folder / "config.json").write_text(json.dumps(public_config(config, manifest), indent=2) + "\n")
-    if is_v4(net):  # city96's v4.0 loaders assume this network and size: only then this layout
+    if not universal and is_v4(net):  # city96's v4.0 loaders assume this network and size: only then this layout
         (folder / rev).mkdir(exist_ok=True)
         save_released(net, folder / rev / f"{config['src']}-to-{config['dst']}_interposer-{rev}.safetensors")
     evaluation = None
@@ -239,12 +320,16 @@ def _stage(model: Path, repo: str, rev: str, folder: Path) -> list[Path]:
         if candidate is not None and candidate.is_file():
             evaluation = json.loads(candidate.read_text())
             public = {k: v for k, v in evaluation.items() if k not in ("model", "data")}  # local paths
+            if "pairs" in public:  # a universal evaluation: each pair's too
+                public["pairs"] = [{k: v for k, v in r.items() if k not in ("model", "data")} for r in public["pairs"]]
             (folder / EVAL_FILE).write_text(json.dumps(public, indent=2) + "\n")
             picture = candidate.with_name(GRID_FILE)
             if evaluation.get("grid") and picture.is_file():  # the picture people judge colour shift by
                 shutil.copy(picture, folder / GRID_FILE)
             break
-    (folder / "README.md").write_text(model_card(config, repo, rev, evaluation, record, manifest))
+    card = (universal_card(config, repo, evaluation, record, manifest) if universal
+            else model_card(config, repo, rev, evaluation, record, manifest))
+    (folder / "README.md").write_text(card)
     return sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file())
 
 

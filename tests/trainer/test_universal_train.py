@@ -146,25 +146,78 @@ def test_weights_of_every_pair_are_drawn_as_asked(three):
     fresh.close()
 
 
-def test_eval_takes_a_pair_of_a_universal_run(uni_run, three, tmp_path):
+def test_eval_takes_a_pair_or_every_pair_of_a_universal_run(uni_run, three, tmp_path):
     from helpers import run
+    from interposer.trainer.data import PairReader
 
     result = run("-m", "interposer", "eval", "--model", str(uni_run), "--data", str(three), "--src", "ca", "--dst",
                  "xl", "--limit", "4", "--out", str(tmp_path / "eval.json"))
     assert result.returncode == 0, result.stderr[-3000:]
-    table = json.loads((tmp_path / "eval.json").read_text())
-    assert (table["src"], table["dst"]) == ("ca", "xl") and table["tiles"] == 4
-    result = run("-m", "interposer", "eval", "--model", str(uni_run), "--data", str(three), "--limit", "4")
-    assert result.returncode == 2
-    assert "is a universal interposer (ca, fx2, xl): name the pair to evaluate with --src and --dst" in result.stderr
+    one = json.loads((tmp_path / "eval.json").read_text())
+    assert (one["src"], one["dst"]) == ("ca", "xl") and one["tiles"] == 4
+
+    result = run("-m", "interposer", "eval", "--model", str(uni_run), "--data", str(three), "--limit", "4",
+                 "--out", str(tmp_path / "all.json"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = json.loads((tmp_path / "all.json").read_text())
+    pairs = [f"{a}->{b}" for a in ("ca", "fx2", "xl") for b in ("ca", "fx2", "xl") if a != b]
+    assert [r["pair"] for r in table["rows"]] == pairs and table["tiles"] == 4
+    assert "universal model (ca, fx2, xl): 6 pairs, 4 val tiles of 64 px" in result.stdout
+    assert all(f"{p:>9}" in result.stdout for p in pairs), result.stdout
+    row = table["rows"][pairs.index("ca->xl")]
+    assert row["latent_l1"] == next(r["latent_l1"] for r in one["rows"] if r["method"] == "interposer")
+    # the figure itself: the same tiles through the network, by hand
+    net = load_interposer(str(uni_run / "export"))
+    tiles = PairReader(str(three), "fx2", "ca", 0.2).take("val", 4)
+    with torch.no_grad():
+        want = (net(torch.from_numpy(tiles.src).float(), "fx2", "ca") - torch.from_numpy(tiles.dst).float()).abs()
+    got = table["rows"][pairs.index("fx2->ca")]
+    assert got["latent_l1"] == pytest.approx(want.mean().item(), rel=1e-5)
+    assert got["vs_round_trip"] == pytest.approx(got["latent_l1"] / got["round_trip_l1"])
+    result = run("-m", "interposer", "eval", "--model", str(uni_run), "--data", str(three), "--src", "ca")
+    assert result.returncode == 2 and "give both --src and --dst (one pair), or neither" in result.stderr
 
 
-def test_publish_refuses_a_universal_run_in_one_line(uni_run, tmp_path):
+def test_publish_a_universal_run_with_every_pair_in_its_card_and_load_it_back(uni_run, three, monkeypatch, capsys,
+                                                                            tmp_path):
+    from huggingface_hub import constants
+
+    from fakehub import FakeHub
     from helpers import run
+    from interposer.trainer.evaluate import evaluate_universal
+    from interposer.trainer.publish import publish
 
-    result = run("-m", "interposer", "publish", "--model", str(uni_run), "--repo", "me/uni", "--dry-run")
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-    assert "is a universal interposer (ca, fx2, xl); publishing one is not supported yet" in result.stderr
+    evaluation = evaluate_universal(str(uni_run / "export"), str(three), limit=2, val_fraction=0.2)
+    (tmp_path / "run").mkdir()
+    import shutil
+
+    shutil.copytree(uni_run / "export", tmp_path / "run" / "export")  # the shared run stays as it was
+    shutil.copy(uni_run / "interposer-run.json", tmp_path / "run")
+    (tmp_path / "run" / "export" / "eval.json").write_text(json.dumps(evaluation))
+    token = "hf_test_secret_do_not_print"
+    monkeypatch.setenv("HF_TOKEN", token)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # for this test only; the endpoint is loopback
+    with FakeHub() as hub:
+        publish(tmp_path / "run", "me/uni", endpoint=hub.endpoint, stage_dir=tmp_path / "staged")
+        assert len(hub.commits) == 1
+        assert hub.commits[0]["files"] == ["README.md", "config.json", "eval.json", "model.safetensors"]
+        card = (tmp_path / "staged" / "README.md").read_text()
+        assert "# Universal latent interposer (ca, fx2, xl)" in card and "(6 pairs)" in card
+        assert "Pairs: ca → fx2, ca → xl, fx2 → ca, fx2 → xl, xl → ca, xl → fx2." in card
+        for r in evaluation["rows"]:  # the per-pair table, a row each
+            assert f"| {r['pair']} | {r['latent_l1']:.4f} | {r['round_trip_l1']:.4f} |" in card
+        assert "- latent-space-fx2" in card and str(three) not in (tmp_path / "staged" / "eval.json").read_text()
+        out = capsys.readouterr()
+        assert token not in out.out + out.err
+        env = {"HF_ENDPOINT": hub.endpoint, "HF_HUB_OFFLINE": "0", "HF_HUB_CACHE": str(tmp_path / "cache"),
+               "HF_HUB_DISABLE_XET": "1"}
+        code = ("import torch; from interposer import load_interposer; from safetensors.torch import load_file; "
+                f"m = load_interposer('me/uni'); w = load_file({str(uni_run / 'export' / 'model.safetensors')!r}); "
+                "print(type(m).__name__, ','.join(m.spaces), all(torch.equal(v, m.state_dict()[k]) for k, v in "
+                "w.items()))")
+        result = run("-c", code, env=env)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.split() == ["UniversalInterposer", "ca,fx2,xl", "True"]
 
 
 @pytest.fixture(scope="module")
