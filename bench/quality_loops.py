@@ -8,12 +8,15 @@ from bench/quality.py itself.
     python bench/quality_loops.py fx2 sana shuffle 2e-3 600 ema=0.99 norm=0
     python bench/quality_loops.py sana fx2 shuffle 2e-3 600 lf=1 pool=4        # + L1 of 4x4-pooled latents
     python bench/quality_loops.py sana fx2 shuffle 2e-3 600 dec=0.1 crop=8 every=4   # + decoded L1 (taef2)
+    for s in 0 1 2; do python bench/quality_loops.py sana fx2 shuffle 2e-3 600 seed=$s; done  # the spread
 
 Losses, added to the L1 on latents (loss=mse replaces it by MSE): dc=W, L1 of per-channel means (the
 trainer's dc_loss_weight); lf=W pool=P, L1 of the latents average-pooled P x P (low frequencies: colour and
 shading); dec=W crop=C every=E, L1 in pixels through taef2's decoder on a C x C latent crop every E steps
 (the trainer's decoded loss; fx2 targets only); cw=P weighs the latent loss per channel by taef2's decoder
-sensitivity to that channel, to the power P (fx2 targets only); aug=1 flips both sides of half the batch.
+sensitivity to that channel, to the power P (fx2 targets only); aug=1 flips both sides of half the batch;
+seed=N seeds the network's init (N) and the batch draws (N + 1), default 0: run a variant at several seeds
+before calling it better (the spread between seeds is the size of the differences measured).
 
 Environment: DATA (the quality bench's --work folder, default ./bench-quality), VAES (default ../shared/vaes),
 THREADS (torch threads, default 2). Loop: AdamW (betas 0.5, 0.95, weight decay 0.01) at the given learning
@@ -69,7 +72,8 @@ def main() -> None:
     xs, ys = torch.from_numpy(tr.src).float(), torch.from_numpy(tr.dst).float()  # (N, 32, h, w)
     xt, yt = torch.from_numpy(te.src).float(), torch.from_numpy(te.dst).float()
     scale = yt.shape[-1] / xt.shape[-1]
-    torch.manual_seed(0)
+    seed = int(extra.get("seed", 0))  # the network's init and the batches' draws
+    torch.manual_seed(seed)
     width, blocks = int(extra.get("w", 64)), int(extra.get("b", 12))
     if arch == "v4":
         net = InterposerModel(xs.shape[1], ys.shape[1], width, blocks, scale)
@@ -80,9 +84,9 @@ def main() -> None:
                          out_mean=ys.mean((0, 2, 3)).tolist(), out_std=ys.std((0, 2, 3)).tolist())
         low = int(extra["bl"]) if "bl" in extra else None
         net = ShuffleInterposer(xs.shape[1], ys.shape[1], width, blocks, scale, blocks_low=low, **stats)
-    net.init_weights(torch.Generator().manual_seed(0))
+    net.init_weights(torch.Generator().manual_seed(seed))
     opt = torch.optim.AdamW(net.parameters(), lr=lr, betas=(0.5, 0.95), weight_decay=0.01)
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(seed + 1)
     dec_w, crop, every = float(extra.get("dec", 0)), int(extra.get("crop", 8)), int(extra.get("every", 1))
     lf_w, pool, dc_w = float(extra.get("lf", 0)), int(extra.get("pool", 4)), float(extra.get("dc", 0))
     cw = 1.0
