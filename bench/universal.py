@@ -129,7 +129,7 @@ def train_universal(net, cfg, latents, draws: Draws, pairs, steps: int, stream: 
         opt.step()
         sched.step()
         if step % max(1, steps // 5) == 0:
-            print(f"  step {step}/{steps}: loss {float(total) / len(idx):.4f}", flush=True)
+            print(f"  step {step}/{steps}: loss {float(total.detach()) / len(idx):.4f}", flush=True)
     return time.perf_counter() - start
 
 
