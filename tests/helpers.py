@@ -74,3 +74,12 @@ def wait_for_checkpoint(run: Path, proc: subprocess.Popen, timeout: float = 180)
             return steps
         time.sleep(0.02)
     raise AssertionError(f"no checkpoint appeared (exit code {proc.poll()})")
+
+
+def start_train(runs: Path, name: str, ray_session, *argv: str) -> subprocess.Popen:
+    """`interposer train ... --out RUNS --name NAME` as its own process group on the test's Ray session, its
+    output in RUNS/NAME.log: a driver a test can SIGKILL by its pid."""
+    cmd = [sys.executable, "-m", "interposer", "train", *argv, "--out", str(runs), "--name", name]
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    with open(runs / f"{name}.log", "w") as log:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

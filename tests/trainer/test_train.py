@@ -4,8 +4,6 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +17,7 @@ from interposer.trainer.driver import RunSpec, train
 from helpers import TINY_TRAIN as TINY
 from helpers import assert_same_export as _assert_same
 from helpers import final_weights as _final
+from helpers import start_train
 from helpers import wait_for_checkpoint as _wait_for_checkpoint
 
 
@@ -65,14 +64,6 @@ def test_resume_with_other_settings_is_refused(reference, dataset, vaes, tmp_pat
         train(TrainConfig.of(**TINY), RunSpec(str(other), str(reference.parent), "ref"))
 
 
-def _start_driver(dataset: Path, runs: Path, name: str, ray_session, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "interposer.trainer", "train", "--data", str(dataset), "--src", "xl", "--dst", "v1",
-           "--out", str(runs), "--name", name, "--config", str(runs / "tiny.yaml"), *extra]
-    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
-    log = open(runs / f"{name}.log", "w")  # noqa: SIM115  (closed with the process)
-    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
 def _write_tiny_yaml(runs: Path) -> None:
     import yaml
 
@@ -87,7 +78,8 @@ def test_driver_killed_mid_run_then_rerun_resumes_bit_exactly(reference, dataset
     runs = tmp_path / "runs"
     _write_tiny_yaml(runs)
     cfg = TrainConfig.of(**TINY)
-    proc = _start_driver(dataset, runs, "killed-driver", ray_session)
+    proc = start_train(runs, "killed-driver", ray_session, "--data", str(dataset), "--src", "xl", "--dst", "v1",
+                       "--config", str(runs / "tiny.yaml"))
     steps = _wait_for_checkpoint(runs / "killed-driver", proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()

@@ -74,16 +74,11 @@ def test_trains_every_pair_and_exports_one_universal_model(uni_run, three, capsy
 
 @pytest.mark.slow
 def test_driver_killed_mid_run_then_rerun_resumes_bit_exactly(uni_run, three, ray_session, tmp_path, capsys):
-    import subprocess
-    import sys
+    from helpers import start_train
 
     runs = tmp_path / "runs"
     runs.mkdir()
-    cmd = [sys.executable, "-m", "interposer", "train", "--data", str(three), "--out", str(runs), "--name", "killed",
-           *FLAGS]
-    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
-    with open(runs / "killed.log", "w") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = start_train(runs, "killed", ray_session, "--data", str(three), *FLAGS)
     steps = wait_for_checkpoint(runs / "killed", proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
