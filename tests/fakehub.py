@@ -112,6 +112,11 @@ class FakeHub:
         self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
+    def client_env(self, cache) -> dict:
+        """The environment of a fresh process whose real huggingface_hub client reads from this Hub."""
+        return {"HF_ENDPOINT": self.endpoint, "HF_HUB_OFFLINE": "0", "HF_HUB_CACHE": str(cache),
+                "HF_HUB_DISABLE_XET": "1"}
+
     def __enter__(self) -> "FakeHub":
         self.thread.start()
         return self

@@ -171,8 +171,7 @@ def test_publish_one_commit_to_a_loopback_hub_and_load_it_back(v4_run, monkeypat
         out = capsys.readouterr()
         assert token not in out.out + out.err
         # the real client, in a fresh process pointed at the loopback Hub, reads what was pushed
-        env = {"HF_ENDPOINT": hub.endpoint, "HF_HUB_OFFLINE": "0", "HF_HUB_CACHE": str(tmp_path / "cache"),
-               "HF_HUB_DISABLE_XET": "1"}
+        env = hub.client_env(tmp_path / "cache")
         code = ("import torch; from interposer import load_interposer; from safetensors.torch import load_file; "
                 f"m = load_interposer('me/xl-to-v1'); w = load_file({str(v4_run / 'export' / 'model.safetensors')!r}); "
                 "print(m.src, m.dst, m.version, all(torch.equal(v, m.state_dict()[k]) for k, v in w.items()))")

@@ -204,8 +204,7 @@ def test_publish_a_universal_run_with_every_pair_in_its_card_and_load_it_back(un
         assert "- latent-space-fx2" in card and str(three) not in (tmp_path / "staged" / "eval.json").read_text()
         out = capsys.readouterr()
         assert token not in out.out + out.err
-        env = {"HF_ENDPOINT": hub.endpoint, "HF_HUB_OFFLINE": "0", "HF_HUB_CACHE": str(tmp_path / "cache"),
-               "HF_HUB_DISABLE_XET": "1"}
+        env = hub.client_env(tmp_path / "cache")
         code = ("import torch; from interposer import load_interposer; from safetensors.torch import load_file; "
                 f"m = load_interposer('me/uni'); w = load_file({str(uni_run / 'export' / 'model.safetensors')!r}); "
                 "print(type(m).__name__, ','.join(m.spaces), all(torch.equal(v, m.state_dict()[k]) for k, v in "
