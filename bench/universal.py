@@ -155,11 +155,6 @@ def held_out_l1(fn, test: dict, a: str, b: str) -> float:
                for i in range(0, len(test[a]), 8)) / test[b].numel()
 
 
-def stats_of(latents: dict, code: str, tiles: int = 256) -> dict:
-    t = latents[code][:tiles].double()
-    return dict(mean=t.mean(dim=(0, 2, 3)).tolist(), std=t.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist())
-
-
 def file_bytes(net, *pair) -> int:
     from interposer import save_interposer
 
@@ -204,7 +199,7 @@ def main() -> None:
     from interposer.trainer.config import TrainConfig
     from interposer.trainer.evaluate import apply_linear, fit_linear
     from interposer.trainer.step import build_models, latent_stats
-    from interposer.trainer.universal import universal_network
+    from interposer.trainer.universal import STATS_TILES, channel_stats, universal_network
 
     start = time.perf_counter()
     build(work, quality, vaes)
@@ -216,7 +211,7 @@ def main() -> None:
           f"{built:.0f} s", flush=True)
     draws = Draws(n, side, args.crop, args.batch, args.seed)
     pairs = [(a, b) for a in SPACES for b in SPACES if a != b]
-    stats = {c: stats_of(train, c) for c in SPACES}
+    stats = {c: channel_stats(train[c][:STATS_TILES]) for c in SPACES}  # as a run measures them
     steps, add_steps = args.steps, args.add_steps or args.steps // 5
     ucfg = lambda k, **kw: TrainConfig.of(arch="universal", steps=k, fconst=0, seed=args.seed, crop=args.crop,  # noqa: E731
                                           batch=args.batch, **kw)

@@ -163,16 +163,15 @@ def _check_data(cfg: TrainConfig, data: str, manifest) -> bool:
     return found[True]
 
 
-
-
 def train_stats(cfg: TrainConfig, data: str) -> dict | None:
     """Per-channel latent statistics of the first STATS_TILES train tiles, for networks that normalise (the
     same numbers on every rank and on every resume: they depend on the dataset and the split only)."""
-    if cfg.is_universal:
+    if cfg.is_universal:  # with --add-space only the new space's: the others come with the base network
         from .data import TileReader
         from .universal import universal_stats
 
-        return universal_stats(TileReader(data, cfg.space_list(), cfg.data.val_fraction), cfg)
+        spaces = [cfg.universal.add_space] if cfg.universal.add_space else cfg.space_list()
+        return universal_stats(TileReader(data, spaces, cfg.data.val_fraction), cfg)
     if cfg.model.arch == "v4":
         return None
     from .data import PairReader
@@ -198,12 +197,12 @@ def _check_decoder(cfg: TrainConfig, spec: RunSpec, manifest) -> None:
 def train(cfg: TrainConfig, spec: RunSpec) -> Path | str:
     """Train (or resume, or find finished) the run OUT/NAME; returns the export folder."""
     begun = time.time()
+    base = base_sha = None  # --add-space: the --from network ({args, state}) and its weights' sha256
     manifest = register_manifest_spaces(read_manifest(spec.data))
     _check_out(spec)
     if cfg.is_universal:
         from .universal import pair_draws, run_spaces
 
-        base = None
         if cfg.universal.add_space:
             base, base_sha = load_base(cfg.universal.base)
             cfg, spaces = add_space_config(cfg, base, manifest, spec.data)
@@ -212,7 +211,7 @@ def train(cfg: TrainConfig, spec: RunSpec) -> Path | str:
         cfg = dataclasses.replace(cfg, universal=dataclasses.replace(cfg.universal, spaces=",".join(spaces)))
         check_spaces(manifest, spec.data, spaces)
         pair_draws(cfg, spaces)  # --pair-weights' mistakes, before Ray starts
-        fingerprint = spaces_fingerprint(manifest, spaces, base_sha if base else None)
+        fingerprint = spaces_fingerprint(manifest, spaces, base_sha)
     else:
         check_pair(manifest, spec.data, cfg.src, cfg.dst)
         fingerprint = pair_fingerprint(manifest, cfg.src, cfg.dst)
@@ -220,10 +219,6 @@ def train(cfg: TrainConfig, spec: RunSpec) -> Path | str:
     if cfg.loss.decoded_loss_weight:
         _check_decoder(cfg, spec, manifest)
     stats = train_stats(cfg, spec.data)
-    if cfg.is_universal and cfg.universal.add_space:
-        stats = {cfg.universal.add_space: stats[cfg.universal.add_space]}  # the others come with the base
-    else:
-        base = None
     record = _check_resume(cfg, spec, fingerprint)
     store = _store(spec)
     export = f"{_run_dir(spec)}/{EXPORT}"
@@ -236,12 +231,7 @@ def train(cfg: TrainConfig, spec: RunSpec) -> Path | str:
         store.write_bytes(RUN_RECORD, json.dumps(record, indent=2).encode())
 
     write_record(None)
-    what = (f"space {cfg.universal.add_space} added to {cfg.universal.base} (its {len(pair_draws(cfg, cfg.space_list())[0])} "
-            f"pairs with {', '.join(c for c in cfg.space_list() if c != cfg.universal.add_space)}; the rest frozen)"
-            if cfg.is_universal and cfg.universal.add_space else
-            f"universal over {cfg.universal.spaces} ({len(cfg.space_list()) * (len(cfg.space_list()) - 1)} pairs)"
-            if cfg.is_universal else f"{cfg.src} -> {cfg.dst}")
-    print(f"[train] {what} on {spec.data}: {cfg.schedule.steps} steps, batch {cfg.data.batch} of "
+    print(f"[train] {_what(cfg)} on {spec.data}: {cfg.schedule.steps} steps, batch {cfg.data.batch} of "
           f"{cfg.data.crop}px crops, {cfg.resources.workers} worker(s){' on GPU' if cfg.resources.gpu else ''}; "
           f"run {_run_dir(spec)}"
           + (" (resuming)" if record else ""), flush=True)
@@ -299,6 +289,17 @@ def train(cfg: TrainConfig, spec: RunSpec) -> Path | str:
             ray.shutdown()
 
 
+def _what(cfg: TrainConfig) -> str:
+    """What the run trains, for its first line."""
+    if not cfg.is_universal:
+        return f"{cfg.src} -> {cfg.dst}"
+    spaces, new = cfg.space_list(), cfg.universal.add_space
+    if new:
+        return (f"space {new} added to {cfg.universal.base} (its {2 * (len(spaces) - 1)} pairs with "
+                f"{', '.join(c for c in spaces if c != new)}; the rest frozen)")
+    return f"universal over {cfg.universal.spaces} ({len(spaces) * (len(spaces) - 1)} pairs)"
+
+
 def _universal(cfg: TrainConfig, stats: dict, base: dict | None):
     from .universal import universal_network
 
@@ -325,7 +326,7 @@ def load_base(folder: str) -> tuple[dict, str]:
         raise ValueError(f"--from {folder}: a {net.src} -> {net.dst} network; --add-space extends a universal "
                          "interposer (one trained with --universal)")
     sha = hashlib.sha256((export / WEIGHTS_NAME).read_bytes()).hexdigest()
-    return dict(args=net.args(), state={k: v.clone() for k, v in net.state_dict().items()}), "sha256:" + sha
+    return dict(args=net.args(), state=net.state_dict()), "sha256:" + sha
 
 
 def add_space_config(cfg: TrainConfig, base: dict, manifest, data: str) -> tuple[TrainConfig, list[str]]:

@@ -160,14 +160,13 @@ def universal_card(config: dict, repo: str, evaluation: dict | None, run_record:
                      for c in spaces)
     pairs = ", ".join(f"{a} → {b}" for a, b in ((p.split("->")) for p in config["pairs"]))
     a, b = spaces[0], spaces[1]
-    args = config
     return f"""{meta}
 
 # Universal latent interposer ({", ".join(spaces)})
 
 One network converts **raw** VAE latents between every ordered pair of {len(spaces)} latent spaces
 ({len(config["pairs"])} pairs) without decoding to pixels: a per-space input and output adapter around a shared
-trunk ({args["ch_mid"]} wide, {args["blocks"]} blocks, on a /{args["grid"]} working grid) conditioned on the target
+trunk ({config["ch_mid"]} wide, {config["blocks"]} blocks, on a /{config["grid"]} working grid) conditioned on the target
 space.
 
 | space | family | channels | factor |

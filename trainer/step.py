@@ -69,7 +69,8 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 def build_optim(cfg: TrainConfig, model: torch.nn.Module):
     """AdamW and its schedule over the parameters of `model` that train (requires_grad)."""
     o = cfg.optim
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trained, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     return opt, sched
 

@@ -53,11 +53,14 @@ def pair_draws(cfg: TrainConfig, spaces: list[str]) -> tuple[list[tuple[str, str
 def universal_stats(reader: TileReader, cfg: TrainConfig) -> dict[str, dict]:
     """Per-channel mean and std of each space's raw latents on the first STATS_TILES train tiles: the adapters'
     normalisation (the same numbers on every rank and every resume)."""
-    out = {}
-    for code, x in zip(reader.spaces, reader.take_all("train", STATS_TILES)):
-        t = torch.from_numpy(x).double()
-        out[code] = dict(mean=t.mean(dim=(0, 2, 3)).tolist(), std=t.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist())
-    return out
+    return {code: channel_stats(torch.from_numpy(x)) for code, x in zip(reader.spaces,
+                                                                        reader.take_all("train", STATS_TILES))}
+
+
+def channel_stats(latents: torch.Tensor) -> dict:
+    """{mean, std}: per-channel lists over (N, C, H, W) latents, in float64 (std at least 1e-3)."""
+    t = latents.double()
+    return dict(mean=t.mean(dim=(0, 2, 3)).tolist(), std=t.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist())
 
 
 def universal_network(cfg: TrainConfig, spaces: list[str], stats: dict[str, dict],
