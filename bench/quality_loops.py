@@ -17,6 +17,11 @@ shading); dec=W crop=C every=E, L1 in pixels through taef2's decoder on a C x C 
 sensitivity to that channel, to the power P (fx2 targets only); aug=1 flips both sides of half the batch;
 seed=N seeds the network's init (N) and the batch draws (N + 1), default 0: run a variant at several seeds
 before calling it better (the spread between seeds is the size of the differences measured).
+Regularisation and the like: wd=W weight decay (default 0.01); noise=S Gaussian noise on the input, S times
+each channel's spread; ens=K K networks of different inits trained side by side on the same batches, each on its
+own loss, predicting their mean (the step cost is all K's). skip=a,b leaves out the training tiles of photos a and
+b (by file name: skip=brick,camera,grass,gravel,moon,coins trains on the colour photos only). save=PATH writes the
+trained network's state dict; each=1 prints the colour figure per held-out photo. Steps 0: only the linear map.
 
 Environment: DATA (the quality bench's --work folder, default ./bench-quality), VAES (default ../shared/vaes),
 THREADS (torch threads, default 2). Loop: AdamW (betas 0.5, 0.95, weight decay 0.01) at the given learning
@@ -59,6 +64,17 @@ def channel_weights(vae, space, z: torch.Tensor, std: torch.Tensor, eps: float =
     return w / w.mean()
 
 
+class Mean(torch.nn.Module):
+    """K networks trained side by side on the same batches, each on its own loss (`ens=K`); predicts their mean."""
+
+    def __init__(self, nets: list[torch.nn.Module]):
+        super().__init__()
+        self.nets = torch.nn.ModuleList(nets)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([n(x) for n in self.nets]).mean(0)
+
+
 def main() -> None:
     if len(sys.argv) < 6:
         sys.exit(__doc__)
@@ -70,6 +86,11 @@ def main() -> None:
     tr = PairReader(f"{data}/data-train", src, dst, 0.0).take("train")
     te = PairReader(f"{data}/data-test", src, dst, 0.0).take("train")
     xs, ys = torch.from_numpy(tr.src).float(), torch.from_numpy(tr.dst).float()  # (N, 32, h, w)
+    if "skip" in extra:  # leave out the training tiles of these photos (names, comma-separated)
+        names = [Path(r["uri"]).name.split("-")[0] for r in tr.rows.to_pylist()]
+        keep = torch.tensor([n not in extra["skip"].split(",") for n in names])
+        xs, ys = xs[keep], ys[keep]
+        print(f"{len(xs)} of {len(keep)} training tiles", flush=True)
     xt, yt = torch.from_numpy(te.src).float(), torch.from_numpy(te.dst).float()
     scale = yt.shape[-1] / xt.shape[-1]
     seed = int(extra.get("seed", 0))  # the network's init and the batches' draws
@@ -85,7 +106,12 @@ def main() -> None:
         low = int(extra["bl"]) if "bl" in extra else None
         net = ShuffleInterposer(xs.shape[1], ys.shape[1], width, blocks, scale, blocks_low=low, **stats)
     net.init_weights(torch.Generator().manual_seed(seed))
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, betas=(0.5, 0.95), weight_decay=0.01)
+    if int(extra.get("ens", 1)) > 1:  # K networks of different inits, each trained on its own loss
+        nets = [net] + [copy.deepcopy(net) for _ in range(int(extra["ens"]) - 1)]
+        for k, member in enumerate(nets[1:], 1):
+            member.init_weights(torch.Generator().manual_seed(seed + 1000 * k))
+        net = Mean(nets)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, betas=(0.5, 0.95), weight_decay=float(extra.get("wd", 0.01)))
     g = torch.Generator().manual_seed(seed + 1)
     dec_w, crop, every = float(extra.get("dec", 0)), int(extra.get("crop", 8)), int(extra.get("every", 1))
     lf_w, pool, dc_w = float(extra.get("lf", 0)), int(extra.get("pool", 4)), float(extra.get("dc", 0))
@@ -102,7 +128,8 @@ def main() -> None:
         cw = (cw / cw.mean()).view(1, -1, 1, 1)
     decay = float(extra.get("ema", 0))
     ema = copy.deepcopy(net) if decay else None
-    start = time.time()
+    xs_std = xs.std((0, 2, 3)).view(1, -1, 1, 1)
+    start, loss = time.time(), torch.tensor(float("nan"))
     net.train()
     for step in range(steps):
         for group in opt.param_groups:
@@ -112,8 +139,12 @@ def main() -> None:
         if extra.get("aug", "0") == "1":  # the same flip of both sides, for half the batch
             flip = (torch.rand(len(idx), generator=g) < 0.5)[:, None, None, None]
             xb, yb = torch.where(flip, xb.flip(-1), xb), torch.where(flip, yb.flip(-1), yb)
-        pred = net(xb)
-        loss = (((pred - yb) ** 2) if extra.get("loss") == "mse" else (pred - yb).abs()).mul(cw).mean()
+        if "noise" in extra:  # Gaussian noise on the input, in units of each channel's spread
+            xb = xb + float(extra["noise"]) * xs_std * torch.randn(xb.shape, generator=g)
+        outs = [m(xb) for m in net.nets] if isinstance(net, Mean) else [net(xb)]
+        pred = torch.stack(outs).mean(0)
+        loss = sum((((o - yb) ** 2) if extra.get("loss") == "mse" else (o - yb).abs()).mul(cw).mean()
+                   for o in outs) / len(outs)
         if dc_w:
             loss = loss + dc_w * F.l1_loss(pred.mean((2, 3)), yb.mean((2, 3)))
         if lf_w:
@@ -134,8 +165,10 @@ def main() -> None:
                     a.lerp_(b, 1 - d)
                 for a, b in zip(ema.buffers(), net.buffers()):
                     a.lerp_(b, 1 - d) if a.is_floating_point() else a.copy_(b)
-    ms = 1000 * (time.time() - start) / steps
+    ms = 1000 * (time.time() - start) / max(steps, 1)
     net = (ema or net).eval()
+    if "save" in extra:
+        torch.save(net.state_dict(), extra["save"])
     with torch.no_grad():
         pred = net(xt)
         w, b = fit_linear(xs, ys, scale)
@@ -159,7 +192,11 @@ def main() -> None:
         def delta_e(z):  # CIEDE2000 of mean colours, as `interposer eval` reports it
             images = (decode_raw(vae, get_space("fx2"), z).clamp(-1, 1) + 1) / 2
             pairs = zip(images.permute(0, 2, 3, 1).double().numpy(), photo.permute(0, 2, 3, 1).double().numpy())
-            return float(np.mean([mean_delta_e(a, b) for a, b in pairs]))
+            each = np.array([mean_delta_e(a, b) for a, b in pairs])
+            if "each" in extra:  # the mean per held-out photo
+                names = np.array([Path(r["uri"]).name.split("-")[0] for r in te.rows.to_pylist()])
+                print({n: round(float(each[names == n].mean()), 2) for n in sorted(set(names))}, flush=True)
+            return float(each.mean())
 
         out += (f" PSNR {psnr(pred):.2f} (linear {psnr(lin):.2f}, taef2's own {psnr(yt):.2f})"
                 f" dE {delta_e(pred):.2f} (linear {delta_e(lin):.2f}, taef2's own {delta_e(yt):.2f})")
