@@ -6,7 +6,8 @@
 
 `--vaes` is a folder holding `taef2/` (Flux.2's latent space, with a decoder) and `taesana/` (Sana's DC-AE
 space, /32, encoder only): VAEs with their own code, loaded with --trust-remote-code. Photos are the real ones
-scikit-image ships (nothing of them is in git). Three of them (chelsea, coffee, rocket) are held out: never
+scikit-image ships, and three natural colour photos scikit-learn and matplotlib ship (`pip install -e
+'.[bench]'`; nothing of them is in git). Three of them (chelsea, coffee, rocket) are held out: never
 trained on, they are the test set (crops at two scales). The others are cut into 256 px crops at four scales,
 plain and mirrored, the colour ones also with their RGB channels rotated (more colours to learn from).
 
@@ -39,6 +40,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 TRAIN_PHOTOS = ("astronaut.png", "motorcycle_left.png", "motorcycle_right.png", "hubble_deep_field.jpg",
                 "retina.jpg", "ihc.png", "camera.png", "brick.png", "grass.png", "gravel.png", "moon.png",
                 "coins.png")
+# Natural colour photos other packages ship (package, path in it): scikit-image's training photos are mostly
+# textures, scans and grey photos, unlike the held-out three; these three more cut the held-out error by ~5%
+# (bench/quality_loops.py ... more=, 2 seeds). pip install -e '.[bench]' installs both packages.
+MORE_PHOTOS = (("sklearn", "datasets/images/china.jpg"), ("sklearn", "datasets/images/flower.jpg"),
+               ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg"))
 TEST_PHOTOS = ("chelsea.png", "coffee.png", "rocket.jpg")
 TILE = 256
 
@@ -60,17 +66,33 @@ def crops(image: np.ndarray, scales: tuple[float, ...], stride: int, mirror: boo
     return out
 
 
-def write_photos(folder: Path, names: tuple[str, ...], scales, stride: int, mirror: bool, recolour: bool) -> int:
+def photo_paths(names: tuple[str, ...], more: tuple[tuple[str, str], ...] = ()) -> list[Path]:
+    """scikit-image's photos by name, then each (package, path) of `more`, found without importing the package.
+    A missing package is one line naming what to install."""
+    import importlib.util
+
+    import skimage
+
+    paths = [Path(skimage.__file__).parent / "data" / name for name in names]
+    for package, rel in more:
+        spec = importlib.util.find_spec(package)
+        if spec is None or spec.origin is None:
+            sys.exit(f"bench/quality.py: three training photos come from scikit-learn and matplotlib; "
+                     f"{package} is not installed: pip install -e '.[bench]'")
+        paths.append(Path(spec.origin).parent / rel)
+    return paths
+
+
+def write_photos(folder: Path, paths: list[Path], scales, stride: int, mirror: bool, recolour: bool) -> int:
     """Crops of the photos as PNG files, one image a crop. `recolour`: colour photos also with their RGB channels
     rotated (GBR, BRG): half of scikit-image's photos are grey, and colour is what a conversion gets wrong."""
-    import skimage
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
-    data = Path(skimage.__file__).parent / "data"
     n = 0
-    for name in names:
-        photo = Image.open(data / name)
+    for path in paths:
+        name = path.name.replace("-", "_")  # the crop's name before its first "-" is its photo's
+        photo = Image.open(path)
         image = np.asarray(photo.convert("RGB"))
         variants = [image] + ([image[..., [1, 2, 0]], image[..., [2, 0, 1]]] if recolour and photo.mode == "RGB" else [])
         for v, im in enumerate(variants):
@@ -114,12 +136,17 @@ def main() -> None:
     os.environ["QUALITY_WORK"] = str(work)
     times = {}
     spaces = ["--space", f"fx2={vaes / 'taef2'}", "--space", f"sana={vaes / 'taesana'}", "--trust-remote-code"]
-    for split, names, scales, stride, train in (("train", TRAIN_PHOTOS, (1.0, 0.75, 0.55, 0.4), 128, True),
-                                                ("test", TEST_PHOTOS, (1.0, 0.75), 96, False)):
-        data = work / f"data-{split}"
+    for split, paths, scales, stride, train in (
+            ("train", photo_paths(TRAIN_PHOTOS, MORE_PHOTOS), (1.0, 0.75, 0.55, 0.4), 128, True),
+            ("test", photo_paths(TEST_PHOTOS), (1.0, 0.75), 96, False)):
+        data, photos = work / f"data-{split}", work / f"photos-{split}"
+        have = {p.name.split("-")[0] for p in photos.glob("*.png")}
+        if have and have != {Path(p.name.replace("-", "_")).stem for p in paths}:
+            sys.exit(f"--work {work}: {photos.name}/ holds crops of other photos (an older bench's); "
+                     f"give a new --work, or remove {photos} and {data}")
         if not (data / "manifest.json").is_file():
-            n = write_photos(work / f"photos-{split}", names, scales, stride, mirror=train, recolour=train)
-            print(f"{split}: {n} crops of {TILE} px from {len(names)} photos")
+            n = write_photos(photos, paths, scales, stride, mirror=train, recolour=train)
+            print(f"{split}: {n} crops of {TILE} px from {len(paths)} photos")
         times[f"build {split}"] = cli("data", "build", "--images", str(work / f"photos-{split}"), *spaces,
                                       "--tile-size", str(TILE), "--max-tiles", "1", "--out", str(data), "--quiet")
     if args.build_only:

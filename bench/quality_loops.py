@@ -21,7 +21,10 @@ Regularisation and the like: wd=W weight decay (default 0.01); noise=S Gaussian 
 each channel's spread; ens=K K networks of different inits trained side by side on the same batches, each on its
 own loss, predicting their mean (the step cost is all K's). skip=a,b leaves out the training tiles of photos a and
 b (by file name: skip=brick,camera,grass,gravel,moon,coins trains on the colour photos only). save=PATH writes the
-trained network's state dict; each=1 prints the colour figure per held-out photo. Steps 0: only the linear map.
+trained network's state dict; more=DATA appends the tiles of another dataset of the two spaces to the training
+set (skip= applies to the first only); split=1 (into fx2) says where the error is: the decoded figures of the
+true latents' coarse part (pooled to the source's grid) with the network's detail, and the network's coarse part
+with the true detail, and the pooled L1 on train and test tiles; each=1 prints the colour figure per held-out photo. Steps 0: only the linear map.
 
 Environment: DATA (the quality bench's --work folder, default ./bench-quality), VAES (default ../shared/vaes),
 THREADS (torch threads, default 2). Loop: AdamW (betas 0.5, 0.95, weight decay 0.01) at the given learning
@@ -91,6 +94,11 @@ def main() -> None:
         keep = torch.tensor([n not in extra["skip"].split(",") for n in names])
         xs, ys = xs[keep], ys[keep]
         print(f"{len(xs)} of {len(keep)} training tiles", flush=True)
+    if "more" in extra:  # another training dataset of the same two spaces (more photos), appended
+        more = PairReader(extra["more"], src, dst, 0.0).take("train")
+        xs = torch.cat([xs, torch.from_numpy(more.src).float()])
+        ys = torch.cat([ys, torch.from_numpy(more.dst).float()])
+        print(f"{len(xs)} training tiles with {extra['more']}", flush=True)
     xt, yt = torch.from_numpy(te.src).float(), torch.from_numpy(te.dst).float()
     scale = yt.shape[-1] / xt.shape[-1]
     seed = int(extra.get("seed", 0))  # the network's init and the batches' draws
@@ -200,6 +208,17 @@ def main() -> None:
 
         out += (f" PSNR {psnr(pred):.2f} (linear {psnr(lin):.2f}, taef2's own {psnr(yt):.2f})"
                 f" dE {delta_e(pred):.2f} (linear {delta_e(lin):.2f}, taef2's own {delta_e(yt):.2f})")
+        if extra.get("split") == "1":  # coarse (the source's grid) against fine: which part the errors are in
+            k = yt.shape[-1] // xt.shape[-1]
+            coarse = lambda z: F.interpolate(F.avg_pool2d(z, k), scale_factor=k, mode="nearest")  # noqa: E731
+            with torch.no_grad():
+                train_pred = net(xs[:256])
+            for name, z in (("true coarse", coarse(yt)), ("true coarse + net's detail", coarse(yt) + pred - coarse(pred)),
+                            ("net's coarse + true detail", coarse(pred) + yt - coarse(yt))):
+                print(f"  {name}: PSNR {psnr(z):.2f} dE {delta_e(z):.2f}", flush=True)
+            pooled = lambda a, b: (F.avg_pool2d(a, k) - F.avg_pool2d(b, k)).abs().mean().item()  # noqa: E731
+            print(f"  L1 of {k}x{k}-pooled latents: net test {pooled(pred, yt):.4f}, train (256 tiles) "
+                  f"{pooled(train_pred, ys[:256]):.4f}; linear test {pooled(lin, yt):.4f}", flush=True)
     print(out, flush=True)
 
 
