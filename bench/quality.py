@@ -66,6 +66,11 @@ def crops(image: np.ndarray, scales: tuple[float, ...], stride: int, mirror: boo
     return out
 
 
+def crop_prefix(path: Path) -> str:
+    """What a photo's crops are named before their first "-" (PHOTO-VARIANT-INDEX.png)."""
+    return path.stem.replace("-", "_")
+
+
 def photo_paths(names: tuple[str, ...], more: tuple[tuple[str, str], ...] = ()) -> list[Path]:
     """scikit-image's photos by name, then each (package, path) of `more`, found without importing the package.
     A missing package is one line naming what to install."""
@@ -91,13 +96,13 @@ def write_photos(folder: Path, paths: list[Path], scales, stride: int, mirror: b
     folder.mkdir(parents=True, exist_ok=True)
     n = 0
     for path in paths:
-        name = path.name.replace("-", "_")  # the crop's name before its first "-" is its photo's
+        name = crop_prefix(path)
         photo = Image.open(path)
         image = np.asarray(photo.convert("RGB"))
         variants = [image] + ([image[..., [1, 2, 0]], image[..., [2, 0, 1]]] if recolour and photo.mode == "RGB" else [])
         for v, im in enumerate(variants):
             for i, tile in enumerate(crops(im, scales, stride, mirror)):
-                Image.fromarray(np.ascontiguousarray(tile)).save(folder / f"{Path(name).stem}-{v}-{i:03d}.png")
+                Image.fromarray(np.ascontiguousarray(tile)).save(folder / f"{name}-{v}-{i:03d}.png")
                 n += 1
     return n
 
@@ -141,7 +146,7 @@ def main() -> None:
             ("test", photo_paths(TEST_PHOTOS), (1.0, 0.75), 96, False)):
         data, photos = work / f"data-{split}", work / f"photos-{split}"
         have = {p.name.split("-")[0] for p in photos.glob("*.png")}
-        if have and have != {Path(p.name.replace("-", "_")).stem for p in paths}:
+        if have and have != {crop_prefix(p) for p in paths}:
             sys.exit(f"--work {work}: {photos.name}/ holds crops of other photos (an older bench's); "
                      f"give a new --work, or remove {photos} and {data}")
         if not (data / "manifest.json").is_file():

@@ -67,6 +67,11 @@ def channel_weights(vae, space, z: torch.Tensor, std: torch.Tensor, eps: float =
     return w / w.mean()
 
 
+def photo_names(rows) -> list[str]:
+    """Each tile's photo: bench/quality.py names a crop PHOTO-VARIANT-INDEX.png."""
+    return [Path(r["uri"]).name.split("-")[0] for r in rows.to_pylist()]
+
+
 class Mean(torch.nn.Module):
     """K networks trained side by side on the same batches, each on its own loss (`ens=K`); predicts their mean."""
 
@@ -90,7 +95,7 @@ def main() -> None:
     te = PairReader(f"{data}/data-test", src, dst, 0.0).take("train")
     xs, ys = torch.from_numpy(tr.src).float(), torch.from_numpy(tr.dst).float()  # (N, 32, h, w)
     if "skip" in extra:  # leave out the training tiles of these photos (names, comma-separated)
-        names = [Path(r["uri"]).name.split("-")[0] for r in tr.rows.to_pylist()]
+        names = photo_names(tr.rows)
         keep = torch.tensor([n not in extra["skip"].split(",") for n in names])
         xs, ys = xs[keep], ys[keep]
         print(f"{len(xs)} of {len(keep)} training tiles", flush=True)
@@ -202,7 +207,7 @@ def main() -> None:
             pairs = zip(images.permute(0, 2, 3, 1).double().numpy(), photo.permute(0, 2, 3, 1).double().numpy())
             each = np.array([mean_delta_e(a, b) for a, b in pairs])
             if "each" in extra:  # the mean per held-out photo
-                names = np.array([Path(r["uri"]).name.split("-")[0] for r in te.rows.to_pylist()])
+                names = np.array(photo_names(te.rows))
                 print({n: round(float(each[names == n].mean()), 2) for n in sorted(set(names))}, flush=True)
             return float(each.mean())
 
