@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 test: venv
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests; rc=$$?; \
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=25 tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 
 test-fast: venv  # the edit loop: every test but the slow end-to-end runs (make test runs all, as CI)
