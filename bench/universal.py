@@ -3,6 +3,7 @@ loops over the product's networks and optimiser (no Ray).
 
     python bench/universal.py --vaes ../shared/vaes                       # ~15 min on 2 CPU cores
     python bench/universal.py --vaes ../shared/vaes --steps 400 --work /tmp/u   # a short trial
+    python bench/universal.py --vaes ../shared/vaes --pair-loss linear    # each pair's L1 over its linear map's
 
 Data: the quality bench's two datasets (--quality: bench/quality.py's --work, built there if missing: 1890
 train tiles and 27 held-out tiles of 256 px, fx2 = taef2 and sana = taesana, the two real VAEs of --vaes)
@@ -107,8 +108,10 @@ def cut(latents: dict, code: str, idx, top: int, left: int, crop: int) -> torch.
     return latents[code][idx, :, r(top): r(top + crop), r(left): r(left + crop)]
 
 
-def train_universal(net, cfg, latents, draws: Draws, pairs, steps: int, stream: int) -> float:
-    """`steps` steps of `net` on `pairs` (uniform draws per sample); its wall time."""
+def train_universal(net, cfg, latents, draws: Draws, pairs, steps: int, stream: int,
+                    weights: dict | None = None) -> float:
+    """`steps` steps of `net` on `pairs` (uniform draws per sample), each pair's L1 times its `weights` (default
+    1); its wall time."""
     from interposer.trainer.step import build_optim
 
     opt, sched = build_optim(cfg, net)
@@ -124,7 +127,7 @@ def train_universal(net, cfg, latents, draws: Draws, pairs, steps: int, stream: 
             a, b = pairs[p]
             rows = idx[which == p]
             x, y = cut(latents, a, rows, top, left, draws.crop), cut(latents, b, rows, top, left, draws.crop)
-            total = total + F.l1_loss(net(x, a, b), y) * len(rows)
+            total = total + F.l1_loss(net(x, a, b), y) * len(rows) * (weights or {}).get((a, b), 1.0)
         (total / len(idx)).backward()
         opt.step()
         sched.step()
@@ -150,9 +153,11 @@ def train_pair(cfg, net, latents, draws: Draws, a: str, b: str, steps: int) -> f
 
 
 @torch.no_grad()
-def held_out_l1(fn, test: dict, a: str, b: str) -> float:
-    return sum((fn(test[a][i: i + 8]) - test[b][i: i + 8]).abs().sum().item()
-               for i in range(0, len(test[a]), 8)) / test[b].numel()
+def held_out_l1(fn, test: dict, a: str, b: str, limit: int | None = None) -> float:
+    """Mean |fn(x) - y| over the first `limit` tiles (default all) of `test`, a -> b."""
+    n = len(test[a]) if limit is None else min(limit, len(test[a]))
+    return sum((fn(test[a][i: min(i + 8, n)]) - test[b][i: min(i + 8, n)]).abs().sum().item()
+               for i in range(0, n, 8)) / test[b][:n].numel()
 
 
 def file_bytes(net, *pair) -> int:
@@ -189,6 +194,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16, help="samples per step (default 16)")
     parser.add_argument("--crop", type=int, default=8, help="crop in working-grid pixels of 8 px (default 8: 64 px)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pair-loss", choices=("raw", "linear"), default="raw",
+                        help="universal runs' loss per pair: raw, the L1 as it is (default); linear, each pair's L1 "
+                             "divided by its linear map's L1 on the training tiles (times their mean), so that every "
+                             "pair weighs by its error relative to how hard it is, not by its space's scale")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("THREADS", "2")))
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -216,9 +225,20 @@ def main() -> None:
     ucfg = lambda k, **kw: TrainConfig.of(arch="universal", steps=k, fconst=0, seed=args.seed, crop=args.crop,  # noqa: E731
                                           batch=args.batch, **kw)
 
+    weights = None
+    if args.pair_loss == "linear":
+        ref = {}
+        for a, b in pairs:  # the table's linear maps, measured on the tiles they are fitted on
+            scale = pair_scale(a, b)
+            w, bias = fit_linear(train[a][:256], train[b][:256], scale)
+            ref[(a, b)] = held_out_l1(lambda x: apply_linear(w, bias, x, scale), train, a, b, 256)
+        mean_ref = sum(ref.values()) / len(ref)
+        weights = {p: mean_ref / v for p, v in ref.items()}
+        print("pair loss weights: " + ", ".join(f"{a}->{b} {v:.2f}" for (a, b), v in weights.items()), flush=True)
+
     print(f"universal: {steps} steps over {len(pairs)} pairs", flush=True)
     uni = universal_network(ucfg(steps), list(SPACES), stats)
-    walls = {"universal": train_universal(uni, ucfg(steps), train, draws, pairs, steps, 0)}
+    walls = {"universal": train_universal(uni, ucfg(steps), train, draws, pairs, steps, 0, weights)}
 
     per = max(1, steps // len(pairs))
     print(f"pairwise: {per} steps for each of {len(pairs)} pairs", flush=True)
@@ -235,13 +255,13 @@ def main() -> None:
     base_steps = steps * len(base_pairs) // len(pairs)
     print(f"base4: {base_steps} steps over {len(base_pairs)} pairs (without {NEW})", flush=True)
     base = universal_network(ucfg(base_steps), known, {c: stats[c] for c in known})
-    walls["base4"] = train_universal(base, ucfg(base_steps), train, draws, base_pairs, base_steps, 1)
+    walls["base4"] = train_universal(base, ucfg(base_steps), train, draws, base_pairs, base_steps, 1, weights)
     new_pairs = [(a, b) for a in SPACES for b in SPACES if a != b and NEW in (a, b)]
     acfg = ucfg(add_steps, add_space=NEW, base="base4")
     added = universal_network(acfg, [NEW, *known], {NEW: stats[NEW]},
                               dict(args=base.args(), state={k: v.clone() for k, v in base.state_dict().items()}))
     print(f"add-space {NEW}: {add_steps} steps over its {len(new_pairs)} pairs, the rest frozen", flush=True)
-    walls["add-space"] = train_universal(added, acfg, train, draws, new_pairs, add_steps, 2)
+    walls["add-space"] = train_universal(added, acfg, train, draws, new_pairs, add_steps, 2, weights)
     uni.eval(), added.eval(), base.eval()
 
     print("\n| pair | linear map | pairwise | universal | universal / pairwise | add-space | add-space / pairwise |")
