@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -69,7 +70,7 @@ def test_build_to_s3_survives_a_lost_node_then_a_lost_driver_and_equals_a_local_
     uri = f"s3://{BUCKET}/datasets/faults"
     argv = ["data", "build", "--images", photos_in_s3, *spaces, *BUILD, "--out", uri]
     proc = start(cluster, s3, *argv)
-    deadline, done, lost = time.time() + 240, 0, False
+    deadline, done, lost, joining = time.time() + 240, 0, False, None
     try:
         while time.time() < deadline and proc.poll() is None and done < 2 * shards // 3:
             done = _landed(s3, uri)
@@ -77,12 +78,17 @@ def test_build_to_s3_survives_a_lost_node_then_a_lost_driver_and_equals_a_local_
                 assert done < shards, f"the node loss should land after a third of the shards ({done})"
                 victim = next(iter(cluster.worker_nodes))
                 remove_node(cluster, victim, cluster.removed, graceful=False)  # raylet, object store, workers
-                add_node(cluster, s3)
+                # the replacement joins on a thread: the build goes on meanwhile, and waiting here for the join
+                # let CI's build finish every shard before the driver kill
+                joining = threading.Thread(target=add_node, args=(cluster, s3))
+                joining.start()
                 lost = True
             time.sleep(0.05)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+        if joining is not None:
+            joining.join()
     landed = _landed(s3, uri)
     assert lost and shards // 3 <= landed < shards, landed
     assert not json.loads(s3.get_bytes(f"{uri}/manifest.json"))["complete"]
