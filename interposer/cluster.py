@@ -23,24 +23,50 @@ def _quiet_auth_notice() -> None:
 
 
 CLEANER = "PlacementGroupCleaner"  # Ray Train's detached actor that removes a dead run's placement group
+CLEANER_STOP = "Failed to stop PlacementGroupCleaner gracefully"  # its controller's line when stopping it timed out
+
+
+def _drop_cleaner_stop(data: dict, skipping: dict) -> list:
+    """One batch of a worker's lines without the controller's "Failed to stop PlacementGroupCleaner gracefully."
+    and its traceback. Ray Train waits 12 s for the cleaner to stop, and the cleaner may itself wait that long on
+    its last state query, so a busy machine logs this at the end of a run that went well. A traceback may span
+    batches: `skipping` holds, per process, where in it the last batch ended ("start" or "frames")."""
+    pid, kept = data.get("pid"), []
+    for line in data.get("lines", []):
+        state = skipping.get(pid)
+        if CLEANER_STOP in line:
+            skipping[pid] = "start"
+        elif state == "start" and line.startswith("Traceback"):
+            skipping[pid] = "frames"
+        elif state == "frames":
+            if not line[:1].isspace():  # the exception's own line ends the traceback
+                del skipping[pid]
+        else:
+            skipping.pop(pid, None)  # no traceback followed
+            kept.append(line)
+    return kept
 
 
 def _drop_cleaner_lines() -> None:
     """Keep Ray Train's PlacementGroupCleaner off the console. It asks Ray's state API (served by the dashboard)
     once a second whether the run's controller is alive: without a dashboard (local Ray) each ask prints
     "Failed to query Ray Train Controller actor state", and with several Ray instances on one machine it
-    dies with a traceback. Its lines still go to Ray's log files (session_latest/logs/worker-*). Ray has no
-    public filter for the worker output it forwards to the driver, so this wraps the one function that prints
-    it (ray._private.worker.print_worker_logs); everything else prints as before."""
+    dies with a traceback; stopping it can time out (see _drop_cleaner_stop). Its lines still go to Ray's log
+    files (session_latest/logs/worker-*). Ray has no public filter for the worker output it forwards to the
+    driver, so this wraps the one function that prints it (ray._private.worker.print_worker_logs); everything
+    else prints as before."""
     import ray._private.worker as worker
 
     if getattr(worker.print_worker_logs, "interposer", False):
         return
-    original = worker.print_worker_logs
+    original, skipping = worker.print_worker_logs, {}
 
     def print_worker_logs(data, print_file, ignore_prefix=False):
-        if CLEANER not in (data.get("actor_name"), data.get("task_name")):
-            original(data, print_file, ignore_prefix)
+        if CLEANER in (data.get("actor_name"), data.get("task_name")):
+            return
+        lines = _drop_cleaner_stop(data, skipping)
+        if lines:
+            original({**data, "lines": lines}, print_file, ignore_prefix)
 
     print_worker_logs.interposer = True
     worker.print_worker_logs = print_worker_logs

@@ -76,6 +76,38 @@ def test_one_import_root(tmp_path):
     assert offenders == []
 
 
+def test_the_cleaner_stop_timeout_and_its_traceback_stay_off_the_console(monkeypatch):
+    """The lines of CI's failed run (2026-12-07): Ray Train's controller logged its cleaner's stop timing out, with
+    a traceback, across two batches. Those go; the lines around them, and other processes' lines, print."""
+    import io
+
+    import ray._private.worker as worker
+
+    from interposer import cluster
+
+    monkeypatch.setattr(worker, "print_worker_logs", worker.print_worker_logs)  # undone after the test
+    monkeypatch.setenv("RAY_COLOR_PREFIX", "0")
+    cluster._drop_cleaner_lines()
+    out = io.StringIO()
+    first = ["[train] done: step 4", "2026-12-07 WARNING placement_group_callback.py:131 -- Failed to stop "
+             "PlacementGroupCleaner gracefully.", "Traceback (most recent call last):",
+             '  File "placement_group_callback.py", line 126, in _stop_cleaner']
+    rest = ["    ray.get(self._cleaner.stop.remote(), timeout=self._stop_timeout)",
+            "ray.exceptions.GetTimeoutError: Get timed out: some object(s) not ready.", "after the traceback"]
+    controller = {"pid": 21141, "actor_name": "TrainController", "ip": "h", "localhost": "h"}
+    worker.print_worker_logs({**controller, "lines": first}, out)
+    worker.print_worker_logs({"pid": 7, "ip": "h", "localhost": "h", "lines": ["    another process"]}, out)
+    worker.print_worker_logs({**controller, "lines": rest}, out)
+    worker.print_worker_logs({"pid": 8, "actor_name": "PlacementGroupCleaner", "lines": ["Failed to query"]}, out)
+    assert out.getvalue().splitlines() == ["(TrainController pid=21141) [train] done: step 4",
+                                           "(pid=7)     another process",
+                                           "(TrainController pid=21141) after the traceback"]
+    # a line naming the timeout with no traceback after it drops that line only
+    skipping = {}
+    assert cluster._drop_cleaner_stop({"pid": 1, "lines": [cluster.CLEANER_STOP, "next"]}, skipping) == ["next"]
+    assert skipping == {}
+
+
 @pytest.mark.slow
 def test_a_killed_command_leaves_no_local_ray_process_behind(tmp_path):
     """SIGKILL of a command that started local Ray: its watchdog ends what Ray leaves (the raylet's
