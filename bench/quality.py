@@ -47,6 +47,7 @@ MORE_PHOTOS = (("sklearn", "datasets/images/china.jpg"), ("sklearn", "datasets/i
                ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg"))
 TEST_PHOTOS = ("chelsea.png", "coffee.png", "rocket.jpg")
 TILE = 256
+TRAIN_SCALES, TRAIN_STRIDE = (1.0, 0.75, 0.55, 0.4), 128  # training crops: photo scales, grid in pixels
 
 
 def crops(image: np.ndarray, scales: tuple[float, ...], stride: int, mirror: bool) -> list[np.ndarray]:
@@ -142,7 +143,7 @@ def main() -> None:
     times = {}
     spaces = ["--space", f"fx2={vaes / 'taef2'}", "--space", f"sana={vaes / 'taesana'}", "--trust-remote-code"]
     for split, paths, scales, stride, train in (
-            ("train", photo_paths(TRAIN_PHOTOS, MORE_PHOTOS), (1.0, 0.75, 0.55, 0.4), 128, True),
+            ("train", photo_paths(TRAIN_PHOTOS, MORE_PHOTOS), TRAIN_SCALES, TRAIN_STRIDE, True),
             ("test", photo_paths(TEST_PHOTOS), (1.0, 0.75), 96, False)):
         data, photos = work / f"data-{split}", work / f"photos-{split}"
         have = {p.name.split("-")[0] for p in photos.glob("*.png")}

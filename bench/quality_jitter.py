@@ -21,7 +21,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.quality import MORE_PHOTOS, TRAIN_PHOTOS, crop_prefix, crops, photo_paths  # noqa: E402
+from bench.quality import (MORE_PHOTOS, TRAIN_PHOTOS, TRAIN_SCALES, TRAIN_STRIDE, crop_prefix, crops,  # noqa: E402
+                           photo_paths)
 
 YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 
@@ -53,7 +54,7 @@ def main() -> None:
         photo = Image.open(path)
         if photo.mode != "RGB":
             continue  # grey photos have no colour to change
-        for i, tile in enumerate(crops(np.asarray(photo), (1.0, 0.75, 0.55, 0.4), 128, mirror=True)):
+        for i, tile in enumerate(crops(np.asarray(photo), TRAIN_SCALES, TRAIN_STRIDE, mirror=True)):
             Image.fromarray(jitter(tile, rng)).save(out / f"{crop_prefix(path)}-j0-{i:03d}.png")
             n += 1
     print(f"{n} crops in {out}")

@@ -225,13 +225,13 @@ def main() -> None:
     ucfg = lambda k, **kw: TrainConfig.of(arch="universal", steps=k, fconst=0, seed=args.seed, crop=args.crop,  # noqa: E731
                                           batch=args.batch, **kw)
 
+    linear = {}  # each pair's linear map, fitted on the first 256 training tiles: the table's baseline
+    for a, b in pairs:
+        w, bias = fit_linear(train[a][:256], train[b][:256], pair_scale(a, b))
+        linear[(a, b)] = lambda x, w=w, bias=bias, scale=pair_scale(a, b): apply_linear(w, bias, x, scale)
     weights = None
-    if args.pair_loss == "linear":
-        ref = {}
-        for a, b in pairs:  # the table's linear maps, measured on the tiles they are fitted on
-            scale = pair_scale(a, b)
-            w, bias = fit_linear(train[a][:256], train[b][:256], scale)
-            ref[(a, b)] = held_out_l1(lambda x: apply_linear(w, bias, x, scale), train, a, b, 256)
+    if args.pair_loss == "linear":  # measured on the tiles the maps are fitted on
+        ref = {(a, b): held_out_l1(linear[(a, b)], train, a, b, 256) for a, b in pairs}
         mean_ref = sum(ref.values()) / len(ref)
         weights = {p: mean_ref / v for p, v in ref.items()}
         print("pair loss weights: " + ", ".join(f"{a}->{b} {v:.2f}" for (a, b), v in weights.items()), flush=True)
@@ -268,9 +268,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     ratios, add_ratios = [], []
     for a, b in pairs:
-        scale = pair_scale(a, b)
-        w, bias = fit_linear(train[a][:256], train[b][:256], scale)
-        lin = held_out_l1(lambda x: apply_linear(w, bias, x, scale), test, a, b)
+        lin = held_out_l1(linear[(a, b)], test, a, b)
         pw = held_out_l1(nets[(a, b)], test, a, b)
         un = held_out_l1(lambda x: uni(x, a, b), test, a, b)
         ratios.append(un / pw)

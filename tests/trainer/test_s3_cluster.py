@@ -70,7 +70,7 @@ def test_build_to_s3_survives_a_lost_node_then_a_lost_driver_and_equals_a_local_
     uri = f"s3://{BUCKET}/datasets/faults"
     argv = ["data", "build", "--images", photos_in_s3, *spaces, *BUILD, "--out", uri]
     proc = start(cluster, s3, *argv)
-    deadline, done, lost, joining = time.time() + 240, 0, False, None
+    deadline, done, lost, joining, joined = time.time() + 240, 0, False, None, []
     try:
         while time.time() < deadline and proc.poll() is None and done < 2 * shards // 3:
             done = _landed(s3, uri)
@@ -80,7 +80,7 @@ def test_build_to_s3_survives_a_lost_node_then_a_lost_driver_and_equals_a_local_
                 remove_node(cluster, victim, cluster.removed, graceful=False)  # raylet, object store, workers
                 # the replacement joins on a thread: the build goes on meanwhile, and waiting here for the join
                 # let CI's build finish every shard before the driver kill
-                joining = threading.Thread(target=add_node, args=(cluster, s3))
+                joining = threading.Thread(target=lambda: joined.append(add_node(cluster, s3)))
                 joining.start()
                 lost = True
             time.sleep(0.05)
@@ -89,6 +89,7 @@ def test_build_to_s3_survives_a_lost_node_then_a_lost_driver_and_equals_a_local_
         proc.wait()
         if joining is not None:
             joining.join()
+    assert joining is None or joined, "the replacement node did not join (its error is printed above)"
     landed = _landed(s3, uri)
     assert lost and shards // 3 <= landed < shards, landed
     assert not json.loads(s3.get_bytes(f"{uri}/manifest.json"))["complete"]
