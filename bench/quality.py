@@ -1,6 +1,6 @@
 """The real-pair quality benchmark: real VAEs, real photos, held-out photos, end to end through the product.
 
-    python bench/quality.py --vaes ../shared/vaes                  # ~25 min on 2 CPU cores
+    python bench/quality.py --vaes ../shared/vaes                  # ~35 min on 2 CPU cores
     python bench/quality.py --vaes ../shared/vaes --steps 200 --work /tmp/q   # a shorter trial
     python bench/quality.py --vaes ../shared/vaes --steps 150,300,600,1200    # what more compute buys: + a plot
 
