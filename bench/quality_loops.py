@@ -20,7 +20,8 @@ before calling it better (the spread between seeds is the size of the difference
 Regularisation and the like: wd=W weight decay (default 0.01); noise=S Gaussian noise on the input, S times
 each channel's spread; ens=K K networks of different inits trained side by side on the same batches, each on its
 own loss, predicting their mean (the step cost is all K's). skip=a,b leaves out the training tiles of photos a and
-b (by file name: skip=brick,camera,grass,gravel,moon,coins trains on the colour photos only). save=PATH writes the
+b (by file name: skip=brick,camera,grass,gravel,moon,coins trains on the colour photos only); norot=1 leaves out
+the RGB-rotated copies of the colour photos (bench/quality.py's variants 1 and 2). save=PATH writes the
 trained network's state dict; more=DATA appends the tiles of another dataset of the two spaces to the training
 set (skip= applies to the first only); split=1 (into fx2) says where the error is: the decoded figures of the
 true latents' coarse part (pooled to the source's grid) with the network's detail, and the network's coarse part
@@ -99,6 +100,10 @@ def main() -> None:
         keep = torch.tensor([n not in extra["skip"].split(",") for n in names])
         xs, ys = xs[keep], ys[keep]
         print(f"{len(xs)} of {len(keep)} training tiles", flush=True)
+    if extra.get("norot") == "1":  # leave out the RGB-rotated copies (variants 1 and 2 of a colour photo)
+        keep = torch.tensor([Path(r["uri"]).name.split("-")[1] == "0" for r in tr.rows.to_pylist()])
+        xs, ys = xs[keep], ys[keep]
+        print(f"{len(xs)} of {len(keep)} training tiles without RGB rotations", flush=True)
     if "more" in extra:  # another training dataset of the same two spaces (more photos), appended
         more = PairReader(extra["more"], src, dst, 0.0).take("train")
         xs = torch.cat([xs, torch.from_numpy(more.src).float()])

@@ -287,6 +287,11 @@ def _original(row: dict, manifest) -> np.ndarray:
     cut = cut_one(row["uri"], row["image_id"], manifest.tile_size, manifest.max_tiles, manifest.min_size,
                   manifest.max_pixels)
     indices = json.loads(cut["indices"])
+    if cut["status"] != "ok" or row["tile_index"] not in indices:  # moved, deleted or changed since the build
+        reason = "missing, or not the bytes the build read" if cut["status"] == "unreadable" else cut["status"]
+        raise FileNotFoundError(f"tile {row['tile_index']} of {row['uri']}: the dataset's source image cannot be re-cut "
+                                f"({reason}); decoded figures need the sources where the dataset was built from them "
+                                f"(moved? evaluate where they are, or rebuild the dataset)")
     tiles = np.frombuffer(cut["pixels"], np.uint8).reshape(len(indices), manifest.tile_size, manifest.tile_size, 3)
     return tiles[indices.index(row["tile_index"])].astype(np.float64) / 255.0
 

@@ -74,6 +74,21 @@ def test_eval_rows_and_eval_json(reference, dataset, tmp_path):
     assert json.loads(out.read_text())["tiles"] == held_out
 
 
+def test_a_source_image_gone_since_the_build_is_named_in_one_line(dataset, tmp_path):
+    from PIL import Image
+
+    from interposer.pipeline.schema import read_manifest
+    from interposer.trainer.evaluate import _original
+
+    manifest, gone = read_manifest(str(dataset)), tmp_path / "moved.png"
+    for present in (False, True):  # gone; then another image in its place (its sha256 is not the indexed one)
+        if present:
+            Image.new("RGB", (64, 64), (200, 30, 30)).save(gone)
+        with pytest.raises(FileNotFoundError, match=rf"tile 0 of {gone}: the dataset's source image cannot be re-cut "
+                                                    r"\(missing, or not the bytes the build read\).*moved\?"):
+            _original(dict(uri=str(gone), image_id="0" * 64, tile_index=0), manifest)
+
+
 def test_eval_with_a_vae_of_the_wrong_shape_is_one_line(reference, dataset, vaes):
     with pytest.raises(ValueError, match=r"--vae v1=.*: it makes latents of shape \(16, 8, 8\) from a 64px image; "
                                          r"v1: 4 channels.* needs \(4, 8, 8\)"):
