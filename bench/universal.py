@@ -4,6 +4,7 @@ loops over the product's networks and optimiser (no Ray).
     python bench/universal.py --vaes ../shared/vaes                       # ~15 min on 2 CPU cores
     python bench/universal.py --vaes ../shared/vaes --steps 400 --work /tmp/u   # a short trial
     python bench/universal.py --vaes ../shared/vaes --pair-loss linear    # each pair's L1 over its linear map's
+    python bench/universal.py --vaes ../shared/vaes --pair-loss raw,linear   # both, beside one set of pairwise nets
 
 Data: the quality bench's two datasets (--quality: bench/quality.py's --work, built there if missing: 1890
 train tiles and 27 held-out tiles of 256 px, fx2 = taef2 and sana = taesana, the two real VAEs of --vaes)
@@ -194,12 +195,17 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16, help="samples per step (default 16)")
     parser.add_argument("--crop", type=int, default=8, help="crop in working-grid pixels of 8 px (default 8: 64 px)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--pair-loss", choices=("raw", "linear"), default="raw",
-                        help="universal runs' loss per pair: raw, the L1 as it is (default); linear, each pair's L1 "
-                             "divided by its linear map's L1 on the training tiles (times their mean), so that every "
-                             "pair weighs by its error relative to how hard it is, not by its space's scale")
+    parser.add_argument("--pair-loss", default="raw",
+                        help="universal runs' loss per pair, or several comma-separated, each its own universal, base4 "
+                             "and add-space runs beside the same pairwise networks: raw, the L1 as it is (default); "
+                             "linear, each pair's L1 divided by its linear map's L1 on the training tiles (times their "
+                             "mean), so that every pair weighs by its error relative to how hard it is, not by its "
+                             "space's scale")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("THREADS", "2")))
     args = parser.parse_args()
+    modes = args.pair_loss.split(",")
+    if not modes or any(m not in ("raw", "linear") for m in modes) or len(set(modes)) < len(modes):
+        parser.error(f"--pair-loss: raw, linear or raw,linear, not {args.pair_loss!r}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
     vaes, work, quality = Path(args.vaes).resolve(), Path(args.work).resolve(), Path(args.quality).resolve()
@@ -229,60 +235,64 @@ def main() -> None:
     for a, b in pairs:
         w, bias = fit_linear(train[a][:256], train[b][:256], pair_scale(a, b))
         linear[(a, b)] = lambda x, w=w, bias=bias, scale=pair_scale(a, b): apply_linear(w, bias, x, scale)
-    weights = None
-    if args.pair_loss == "linear":  # measured on the tiles the maps are fitted on
-        ref = {(a, b): held_out_l1(linear[(a, b)], train, a, b, 256) for a, b in pairs}
-        mean_ref = sum(ref.values()) / len(ref)
-        weights = {p: mean_ref / v for p, v in ref.items()}
-        print("pair loss weights: " + ", ".join(f"{a}->{b} {v:.2f}" for (a, b), v in weights.items()), flush=True)
-
-    print(f"universal: {steps} steps over {len(pairs)} pairs", flush=True)
-    uni = universal_network(ucfg(steps), list(SPACES), stats)
-    walls = {"universal": train_universal(uni, ucfg(steps), train, draws, pairs, steps, 0, weights)}
-
     per = max(1, steps // len(pairs))
     print(f"pairwise: {per} steps for each of {len(pairs)} pairs", flush=True)
-    nets, walls["pairwise"] = {}, 0.0
+    nets, walls = {}, {"pairwise": 0.0}
     for a, b in pairs:
         cfg = TrainConfig.of(src=a, dst=b, steps=per, fconst=0, seed=args.seed, crop=args.crop * GRID // get_space(a).factor,
                              batch=args.batch)
         net = build_models(cfg, latent_stats(train[a][:256], train[b][:256]) if cfg.model.arch != "v4" else None)[0]
         walls["pairwise"] += train_pair(cfg, net, train, draws, a, b, per)
         nets[(a, b)] = net.eval()
-
     known = [c for c in SPACES if c != NEW]
     base_pairs = [(a, b) for a in known for b in known if a != b]
     base_steps = steps * len(base_pairs) // len(pairs)
-    print(f"base4: {base_steps} steps over {len(base_pairs)} pairs (without {NEW})", flush=True)
-    base = universal_network(ucfg(base_steps), known, {c: stats[c] for c in known})
-    walls["base4"] = train_universal(base, ucfg(base_steps), train, draws, base_pairs, base_steps, 1, weights)
     new_pairs = [(a, b) for a in SPACES for b in SPACES if a != b and NEW in (a, b)]
-    acfg = ucfg(add_steps, add_space=NEW, base="base4")
-    added = universal_network(acfg, [NEW, *known], {NEW: stats[NEW]},
-                              dict(args=base.args(), state={k: v.clone() for k, v in base.state_dict().items()}))
-    print(f"add-space {NEW}: {add_steps} steps over its {len(new_pairs)} pairs, the rest frozen", flush=True)
-    walls["add-space"] = train_universal(added, acfg, train, draws, new_pairs, add_steps, 2, weights)
-    uni.eval(), added.eval(), base.eval()
-
-    print("\n| pair | linear map | pairwise | universal | universal / pairwise | add-space | add-space / pairwise |")
-    print("|---|---|---|---|---|---|---|")
-    ratios, add_ratios = [], []
-    for a, b in pairs:
-        lin = held_out_l1(linear[(a, b)], test, a, b)
-        pw = held_out_l1(nets[(a, b)], test, a, b)
-        un = held_out_l1(lambda x: uni(x, a, b), test, a, b)
-        ratios.append(un / pw)
-        cells = ["", ""]
-        if (a, b) in new_pairs:
-            ad = held_out_l1(lambda x: added(x, a, b), test, a, b)
-            add_ratios.append(ad / pw)
-            cells = [f"{ad:.4f}", f"{ad / pw:.3f}"]
-        print(f"| {a} → {b} | {lin:.4f} | {pw:.4f} | {un:.4f} | {un / pw:.3f} | {cells[0]} | {cells[1]} |")
     mean = lambda v: sum(v) / len(v)  # noqa: E731
-    print(f"\nuniversal / pairwise: mean {mean(ratios):.3f}, worst {max(ratios):.3f} "
-          f"({sum(r <= 1.05 for r in ratios)}/{len(ratios)} pairs within 5%)")
-    print(f"add-space / pairwise on {NEW}'s pairs: mean {mean(add_ratios):.3f}, worst {max(add_ratios):.3f} "
-          f"({sum(r <= 1.10 for r in add_ratios)}/{len(add_ratios)} within 10%)")
+    held = {(a, b): (held_out_l1(linear[(a, b)], test, a, b), held_out_l1(nets[(a, b)], test, a, b)) for a, b in pairs}
+
+    results, summary = {}, []  # per pair-loss mode: {pair: (universal L1, add-space L1 or None)}
+    for mode in modes:
+        weights = None
+        if mode == "linear":  # measured on the tiles the maps are fitted on
+            ref = {(a, b): held_out_l1(linear[(a, b)], train, a, b, 256) for a, b in pairs}
+            mean_ref = sum(ref.values()) / len(ref)
+            weights = {p: mean_ref / v for p, v in ref.items()}
+            print("pair loss weights: " + ", ".join(f"{a}->{b} {v:.2f}" for (a, b), v in weights.items()), flush=True)
+        print(f"[{mode}] universal: {steps} steps over {len(pairs)} pairs", flush=True)
+        uni = universal_network(ucfg(steps), list(SPACES), stats)
+        walls[f"universal {mode}"] = train_universal(uni, ucfg(steps), train, draws, pairs, steps, 0, weights)
+        print(f"[{mode}] base4: {base_steps} steps over {len(base_pairs)} pairs (without {NEW})", flush=True)
+        base = universal_network(ucfg(base_steps), known, {c: stats[c] for c in known})
+        walls[f"base4 {mode}"] = train_universal(base, ucfg(base_steps), train, draws, base_pairs, base_steps, 1, weights)
+        acfg = ucfg(add_steps, add_space=NEW, base="base4")
+        added = universal_network(acfg, [NEW, *known], {NEW: stats[NEW]},
+                                  dict(args=base.args(), state={k: v.clone() for k, v in base.state_dict().items()}))
+        print(f"[{mode}] add-space {NEW}: {add_steps} steps over its {len(new_pairs)} pairs, the rest frozen", flush=True)
+        walls[f"add-space {mode}"] = train_universal(added, acfg, train, draws, new_pairs, add_steps, 2, weights)
+        uni.eval(), added.eval(), base.eval()
+        results[mode] = {(a, b): (held_out_l1(lambda x: uni(x, a, b), test, a, b),
+                                  held_out_l1(lambda x: added(x, a, b), test, a, b) if (a, b) in new_pairs else None)
+                         for a, b in pairs}
+        ratios = [results[mode][p][0] / held[p][1] for p in pairs]
+        add_ratios = [results[mode][p][1] / held[p][1] for p in new_pairs]
+        summary.append(f"[{mode}] universal / pairwise: mean {mean(ratios):.3f}, worst {max(ratios):.3f} "
+                       f"({sum(r <= 1.05 for r in ratios)}/{len(ratios)} pairs within 5%); add-space / pairwise on "
+                       f"{NEW}'s pairs: mean {mean(add_ratios):.3f}, worst {max(add_ratios):.3f} "
+                       f"({sum(r <= 1.10 for r in add_ratios)}/{len(add_ratios)} within 10%); add-space / universal "
+                       f"time {walls[f'add-space {mode}'] / walls[f'universal {mode}']:.3f}")
+
+    head = "".join(f" universal {m} | / pairwise | add-space {m} | / pairwise |" for m in modes)
+    print(f"\n| pair | linear map | pairwise |{head}")
+    print("|---|---|---|" + "---|---|---|---|" * len(modes))
+    for a, b in pairs:
+        lin, pw = held[(a, b)]
+        cells = ""
+        for m in modes:
+            un, ad = results[m][(a, b)]
+            cells += f" {un:.4f} | {un / pw:.3f} |" + (f" {ad:.4f} | {ad / pw:.3f} |" if ad is not None else "  |  |")
+        print(f"| {a} → {b} | {lin:.4f} | {pw:.4f} |{cells}")
+    print("\n" + "\n".join(summary))
 
     params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     trained = sum(p.numel() for p in added.space_parameters(NEW))
@@ -290,8 +300,7 @@ def main() -> None:
           f"{sum(params(m) for m in nets.values()):,} in {len(nets)} files of "
           f"{sum(file_bytes(m, a, b) for (a, b), m in nets.items()):,} B")
     print(f"add-space trains {trained:,} of {params(added):,} parameters ({trained / params(added):.3f})")
-    print("wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in walls.items())
-          + f"; add-space / universal {walls['add-space'] / walls['universal']:.3f}")
+    print("wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in walls.items()))
 
     from interposer import save_interposer
     from interposer.model import InterposerModel
